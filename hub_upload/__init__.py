@@ -1,0 +1,1 @@
+"""Converting original CuMo checkpoints and publishing models and the Space to the Hub."""

@@ -1,0 +1,107 @@
+"""CuMo's processor: LLaVA's pad-to-square image processing, `<image>` expansion, and the CuMo chat template."""
+
+import numpy as np
+import PIL.Image
+from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+from transformers.models.llava.processing_llava import LlavaProcessor
+
+
+# The original's `mistral_instruct_system` format (LLaMA-2 style with `<<SYS>>`), which the released checkpoints are
+# evaluated and served with. A system message replaces the default system text; an empty one drops the block
+# (the original's `mistral_instruct`). Images go first in their message, each as `<image>` and a newline.
+# `{% generation %}` marks assistant tokens for `return_assistant_tokens_mask` / TRL's `assistant_only_loss`.
+CHAT_TEMPLATE = (
+    "{%- set default_system = \"A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions.\" -%}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- if messages[0]['content'] is string -%}{%- set system_message = messages[0]['content'] -%}"
+    "{%- else -%}{%- set system_message = messages[0]['content'] | selectattr('type', 'equalto', 'text')"
+    " | map(attribute='text') | join('\\n') -%}{%- endif -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set system_message = default_system -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{{- bos_token -}}"
+    "{%- for message in loop_messages -%}"
+    "{%- if message['content'] is string -%}{%- set text = message['content'] -%}{%- set num_images = 0 -%}"
+    "{%- else -%}"
+    "{%- set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('\\n') -%}"
+    "{%- set num_images = message['content'] | selectattr('type', 'equalto', 'image') | list | length -%}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{{- '[INST] ' -}}"
+    "{%- if loop.first and system_message -%}{{- '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' -}}{%- endif -%}"
+    "{{- '<image>\\n' * num_images + text + ' [/INST]' -}}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{%- generation -%}{{- ' ' + text + ' ' + eos_token -}}{%- endgeneration -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+
+def make_image_processor(image_size: int = 336) -> LlavaImageProcessorPil:
+    """Pad to a square with the CLIP mean colour, resize the shortest edge to `image_size` (bicubic), centre-crop,
+    rescale, CLIP-normalise: the original's `image_aspect_ratio="pad"` preprocessing, bit-exact with PIL."""
+    return LlavaImageProcessorPil(
+        do_pad=True,
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+    )
+
+
+def to_rgb_image(image):
+    """Any PIL image as 8-bit RGB (16-bit, float, palette, CMYK, greyscale and alpha modes included); arrays and
+    tensors pass through. Unreadable or empty images raise `ValueError`."""
+    if not isinstance(image, PIL.Image.Image):
+        if getattr(image, "size", 1) == 0 or 0 in getattr(image, "shape", (1,)):
+            raise ValueError(f"Got an empty image of shape {tuple(image.shape)}.")
+        return image
+    if image.width == 0 or image.height == 0:
+        raise ValueError(f"Got an image of size {image.width}x{image.height}; it needs at least one pixel.")
+    try:
+        image.load()
+    except Exception as error:  # truncated or corrupt files fail here, with PIL's many exception types
+        raise ValueError(f"Could not read the image: {error}") from error
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+        image = PIL.Image.fromarray(np.clip(values / peak * 255.0, 0, 255).round().astype(np.uint8), mode="L")
+    elif image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _map_images(images, fn):
+    if isinstance(images, (list, tuple)):
+        return [_map_images(image, fn) for image in images]
+    return fn(images)
+
+
+class CuMoProcessor(LlavaProcessor):
+    """Image processor + tokenizer + chat template. Each `<image>` in the text becomes one image token per patch of
+    the base grid (S2 scales keep the grid), filled by the model with that image's features."""
+
+    def __init__(self, image_processor=None, tokenizer=None, patch_size: int = 14, chat_template=None,
+                 image_token: str = "<image>", **kwargs):
+        super().__init__(
+            image_processor,
+            tokenizer,
+            patch_size=patch_size,
+            vision_feature_select_strategy="default",  # the CLS token is dropped ...
+            chat_template=chat_template if chat_template is not None else CHAT_TEMPLATE,
+            image_token=image_token,
+            num_additional_image_tokens=1,  # ... after CLIP prepends it
+            **kwargs,
+        )
+
+    def prepare_inputs_layout(self, images=None, text=None, videos=None, audio=None, **kwargs):
+        try:
+            images, text, videos, audio = super().prepare_inputs_layout(images, text, videos, audio, **kwargs)
+        except (OSError, PIL.UnidentifiedImageError) as error:
+            raise ValueError(f"Could not read an image: {error}") from error
+        if images is not None:
+            images = _map_images(images, to_rgb_image)
+        return images, text, videos, audio
+
+
+CuMoProcessor.register_for_auto_class()
+
+__all__ = ["CuMoProcessor", "CHAT_TEMPLATE", "make_image_processor", "to_rgb_image"]

@@ -1,0 +1,113 @@
+"""CuMo's vision side: transformers' CLIP vision tower with MoE MLPs, and S2 multi-scale features."""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import CLIPVisionConfig, CLIPVisionModel
+from transformers.modeling_outputs import BaseModelOutput
+from transformers.models.clip.modeling_clip import CLIPMLP, CLIPPreTrainedModel
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .moe_cumo import CuMoTopKRouter, CuMoSparseMLP, co_upcycle_, init_moe_weights
+
+
+@dataclass
+class CuMoVisionOutput(BaseModelOutput):
+    """`last_hidden_state` is the output of the last layer run (no post-layernorm); `router_logits` holds one
+    `(images * tokens, experts)` tensor per MoE layer run, when requested."""
+
+    router_logits: tuple[torch.Tensor, ...] | None = None
+
+
+class CuMoVisionModel(CLIPVisionModel):
+    """CLIP vision tower whose encoder MLPs are top-k MoE blocks when `num_experts > 1`.
+
+    Dense layers keep CLIP's own weight names, so an ordinary CLIP checkpoint loads into a dense tower. The forward
+    runs only the first `num_layers` encoder layers: features from layer -2 never pay for the last layer.
+    """
+
+    _can_record_outputs = {
+        **CLIPPreTrainedModel._can_record_outputs,
+        "router_logits": OutputRecorder(CuMoTopKRouter, index=0),
+    }
+
+    def __init__(self, config: CLIPVisionConfig, num_experts: int = 0, num_experts_per_tok: int = 2):
+        super().__init__(config)
+        if num_experts > 1:
+            for layer in self.encoder.layers:
+                layer.mlp = self._sparse_mlp(num_experts, num_experts_per_tok)
+        # CuMo reads features before the post-layernorm; a parameter that never gets gradient would trouble DDP.
+        del self.post_layernorm
+
+    def _sparse_mlp(self, num_experts: int, num_experts_per_tok: int) -> CuMoSparseMLP:
+        c = self.config
+        return CuMoSparseMLP(
+            c, c.hidden_size, c.intermediate_size, c.hidden_size, c.hidden_act, num_experts, num_experts_per_tok
+        )
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        return True  # the MoE MLPs dispatch through transformers' experts interface (CuMoVisionExperts)
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        init_moe_weights(module, self.config.initializer_range)
+
+    @property
+    def is_moe(self) -> bool:
+        return any(isinstance(layer.mlp, CuMoSparseMLP) for layer in self.encoder.layers)
+
+    @torch.no_grad()
+    def upcycle(self, num_experts: int, num_experts_per_tok: int) -> None:
+        """Replace every dense MLP by an MoE block whose experts are copies of it (co-upcycling)."""
+        for layer in self.encoder.layers:
+            if isinstance(layer.mlp, CLIPMLP):
+                dense = layer.mlp
+                sparse = self._sparse_mlp(num_experts, num_experts_per_tok).to(dense.fc1.weight.device, dense.fc1.weight.dtype)
+                co_upcycle_(sparse.gate, sparse.experts, dense.fc1, dense.fc2, self.config.initializer_range)
+                layer.mlp = sparse
+
+    @capture_outputs(tie_last_hidden_states=False)
+    def forward(self, pixel_values: torch.Tensor, num_layers: int | None = None, **kwargs) -> CuMoVisionOutput:
+        """`kwargs` are the `output_hidden_states` / `output_router_logits` switches read by `capture_outputs`."""
+        hidden_states = self.pre_layrnorm(self.embeddings(pixel_values))
+        for layer in self.encoder.layers[:num_layers]:
+            hidden_states = layer(hidden_states, None)
+        return CuMoVisionOutput(last_hidden_state=hidden_states)
+
+
+def s2_crops(pixel_values: torch.Tensor, scales: list[int]) -> torch.Tensor:
+    """All tower inputs of all S2 scales in one batch: scale 1 first, then for each scale s the s*s crops of the
+    bicubically enlarged images, crop-major (index `(row * s + col) * num_images + image`)."""
+    size = pixel_values.shape[-1]
+    batches = []
+    for scale in scales:
+        if scale == 1:
+            batches.append(pixel_values)
+            continue
+        big = F.interpolate(pixel_values, size=(size * scale, size * scale), mode="bicubic", align_corners=False)
+        batches.extend(
+            big[..., row * size : (row + 1) * size, col * size : (col + 1) * size]
+            for row in range(scale)
+            for col in range(scale)
+        )
+    return torch.cat(batches, dim=0)
+
+
+def s2_merge(features: torch.Tensor, scales: list[int], num_images: int) -> torch.Tensor:
+    """Inverse of `s2_crops` on patch features `(crops, grid * grid, C)`: stitch each scale's crops back together,
+    area-pool them to the base grid, and concatenate the scales on channels -> `(images, grid * grid, C * scales)`."""
+    grid = int(features.shape[1] ** 0.5)
+    channels = features.shape[-1]
+    merged, start = [], 0
+    for scale in scales:
+        count = scale * scale * num_images
+        crops = features[start : start + count].transpose(1, 2).reshape(scale, scale, num_images, channels, grid, grid)
+        start += count
+        # (row, col, image, C, h, w) -> (image, C, row, h, col, w) -> (image, C, row * h, col * w)
+        stitched = crops.permute(2, 3, 0, 4, 1, 5).reshape(num_images, channels, scale * grid, scale * grid)
+        if scale > 1:
+            stitched = F.interpolate(stitched, size=(grid, grid), mode="area")
+        merged.append(stitched.flatten(2).transpose(1, 2))
+    return torch.cat(merged, dim=-1)

@@ -1,0 +1,38 @@
+"""CuMo-HF: CuMo (co-upcycled MoE vision-language model) as a Hub-native transformers model, with TRL training,
+a Gradio Space and Hub tooling. Install torch first (`pip install torch==2.13.0` for the CPU build)."""
+
+from setuptools import find_packages, setup
+
+CORE = [
+    "torch>=2.6",
+    "transformers==5.23.0",
+    "safetensors>=0.4",
+    "huggingface_hub>=1.0",
+    "pillow>=10",
+    "numpy",
+    "sentencepiece>=0.2",
+    "protobuf",
+]
+TRAIN = ["trl==1.16.0", "accelerate>=1.10", "peft>=0.17", "datasets>=3.0", "pyyaml", "tqdm", "matplotlib"]
+SPACE = ["gradio>=6.0,<7", "gradio_client>=2.0"]
+FLASH = ["flash-attn>=2.6"]
+TEST = ["pytest>=8", "pytest-timeout"]
+
+setup(
+    name="cumo-hf",
+    version="0.1.0",
+    description="CuMo multimodal LLM with co-upcycled MoE blocks, Hub-native for transformers, TRL and Gradio",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["modeling_cumo", "trainer", "space", "hub_upload"]),
+    install_requires=CORE,
+    extras_require={
+        "train": TRAIN,
+        "space": SPACE,
+        "flash": FLASH,
+        "test": TEST,
+        "all": TRAIN + SPACE + TEST,
+    },
+)

@@ -1,0 +1,186 @@
+"""The model's invariants: upcycling preserves outputs, a dense CuMo is a LLaVA, experts kernels agree, shapes."""
+
+import pytest
+import torch
+from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+from conftest import IMAGE_SIZE, PATCH_SIZE, random_pixels, tiny_config, tiny_model
+from modeling_cumo.moe_cumo import CuMoExperts, CuMoSparseMLP
+from modeling_cumo.vision_cumo import s2_crops, s2_merge
+
+
+NUM_PATCHES = (IMAGE_SIZE // PATCH_SIZE) ** 2
+
+
+def image_prompt(num_images_per_row, length=6, seed=0):
+    """input_ids rows with `n` runs of image tokens each, and the matching attention mask."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for n in num_images_per_row:
+        row = [1]
+        for _ in range(n):
+            row += torch.randint(3, 300, (2,), generator=generator).tolist() + [384] * NUM_PATCHES
+        row += torch.randint(3, 300, (length,), generator=generator).tolist()
+        rows.append(row)
+    width = max(map(len, rows))
+    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for i, row in enumerate(rows):  # left padding
+        input_ids[i, width - len(row) :] = torch.tensor(row)
+        attention_mask[i, width - len(row) :] = 1
+    return input_ids, attention_mask
+
+
+def test_upcycle_preserves_logits_and_updates_config():
+    model = tiny_model(vision_experts=0, projector_experts=0)
+    input_ids, attention_mask = image_prompt([1, 2])
+    pixel_values = random_pixels(3)
+    with torch.no_grad():
+        dense = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values).logits
+    assert model.upcycle(num_experts=4, num_experts_per_tok=2) is model
+    assert all(isinstance(layer.mlp, CuMoSparseMLP) for layer in model.model.vision_tower.encoder.layers)
+    assert model.model.multi_modal_projector.is_moe
+    assert (model.config.vision_num_experts, model.config.projector_num_experts) == (4, 4)
+    with torch.no_grad():
+        sparse = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values).logits
+    assert (sparse - dense)[attention_mask.bool()].abs().max() <= 1e-5
+    # experts are copies but the routers are live: the blocks route tokens to different experts
+    gate = model.model.multi_modal_projector.gate.weight
+    assert gate.abs().sum() > 0
+    with pytest.raises(ValueError, match="already MoE"):
+        model.upcycle()
+
+
+def test_upcycle_projector_only():
+    model = tiny_model()
+    model.upcycle(num_experts=3, num_experts_per_tok=1, vision=False)
+    assert not model.model.vision_tower.is_moe and model.model.multi_modal_projector.is_moe
+    assert model.config.projector_num_experts_per_tok == 1 and model.config.vision_num_experts == 0
+
+
+def test_dense_cumo_with_one_scale_equals_transformers_llava():
+    cumo = tiny_model(scales=[1])
+    config = cumo.config
+    llava_config = LlavaConfig(
+        vision_config=config.vision_config.to_dict(),
+        text_config=config.text_config.to_dict(),
+        image_token_id=config.image_token_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    llava_config.text_config.vocab_size = 385  # LLaVA embeds the image token itself
+    llava = LlavaForConditionalGeneration(llava_config).eval()
+    state = cumo.state_dict()
+    state["model.language_model.embed_tokens.weight"] = torch.cat(
+        [state["model.language_model.embed_tokens.weight"], torch.zeros(1, config.text_config.hidden_size)]
+    )
+    state["lm_head.weight"] = torch.cat([state["lm_head.weight"], torch.zeros(1, config.text_config.hidden_size)])
+    missing, unexpected = llava.load_state_dict(state, strict=False)
+    assert unexpected == [] and missing == ["model.vision_tower.post_layernorm.weight", "model.vision_tower.post_layernorm.bias"]
+
+    input_ids, attention_mask = image_prompt([1, 1])
+    pixel_values = random_pixels(2)
+    with torch.no_grad():
+        ours = cumo(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values).logits
+        theirs = llava(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values).logits
+    mask = attention_mask.bool()
+    assert (ours[mask] - theirs[mask][:, :384]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_experts_implementations_agree(training):
+    model = tiny_model(vision_experts=4, projector_experts=4).train(training)
+    pixel_values = random_pixels(2)
+    results = {}
+    for implementation in ("eager", "grouped_mm", "batched_mm"):
+        model.set_experts_implementation(implementation)
+        assert model.model.vision_tower.config._experts_implementation == implementation
+        model.zero_grad()
+        features = model.get_image_features(pixel_values, compute_router_losses=True)
+        (features.pooler_output.square().mean() + features.vision_balance_loss).backward()
+        grads = {name: p.grad.clone() for name, p in model.model.vision_tower.named_parameters() if p.grad is not None}
+        results[implementation] = (features.pooler_output.detach(), grads)
+    reference_out, reference_grads = results["eager"]
+    assert any("experts" in name for name in reference_grads)
+    for implementation, (out, grads) in results.items():
+        assert (out - reference_out).abs().max() <= 1e-5, implementation
+        assert grads.keys() == reference_grads.keys()
+        for name, grad in grads.items():
+            assert (grad - reference_grads[name]).abs().max() <= 1e-5, (implementation, name)
+
+
+def test_eager_experts_match_a_per_token_reference():
+    torch.manual_seed(0)
+    experts = CuMoExperts(None, 4, 6, 10, 5, "gelu")
+    for p in experts.parameters():
+        p.data.normal_()
+    hidden = torch.randn(9, 6)
+    top_k_index = torch.tensor([[0, 1], [1, 3], [3, 2], [2, 0], [0, 3], [1, 2], [3, 1], [2, 3], [0, 2]])
+    top_k_weights = torch.rand(9, 2)
+    out = experts(hidden, top_k_index, top_k_weights)
+    expected = torch.zeros(9, 5)
+    for t in range(9):
+        for j in range(2):
+            e = top_k_index[t, j]
+            h = torch.nn.functional.gelu(hidden[t] @ experts.up_proj[e].T + experts.up_proj_bias[e])
+            expected[t] += top_k_weights[t, j] * (h @ experts.down_proj[e].T + experts.down_proj_bias[e])
+    assert (out - expected).abs().max() <= 1e-5
+
+
+def test_s2_merge_inverts_s2_crops_on_a_patch_grid():
+    images = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    crops = s2_crops(images, [1, 2])
+    assert crops.shape == (2 + 4 * 2, 3, 8, 8)
+    # crop-major order: crop (row 0, col 1) of image 1 sits at index 2 + (0 * 2 + 1) * 2 + 1
+    big = torch.nn.functional.interpolate(images, size=(16, 16), mode="bicubic", align_corners=False)
+    assert torch.equal(crops[2 + 3], big[1, :, 0:8, 8:16])
+    # treat every pixel as a "patch": merging must stitch and area-pool back to the images' own grid
+    patches = crops.flatten(2).transpose(1, 2)  # (crops, 64, 3)
+    merged = s2_merge(patches, [1, 2], num_images=2)
+    assert merged.shape == (2, 64, 6)
+    assert torch.equal(merged[..., :3], images.flatten(2).transpose(1, 2))
+    pooled = torch.nn.functional.avg_pool2d(big, 2).flatten(2).transpose(1, 2)
+    assert (merged[..., 3:] - pooled).abs().max() <= 1e-4
+
+
+def test_vision_tower_skips_the_last_layer_at_inference_only():
+    model = tiny_model(vision_experts=4)
+    calls = []
+    last_layer = model.model.vision_tower.encoder.layers[-1]
+    last_layer.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        inference = model.get_image_features(random_pixels(1))
+        assert calls == []
+        training = model.get_image_features(random_pixels(1), compute_router_losses=True)
+    assert calls == [1]
+    assert torch.equal(inference.pooler_output, training.pooler_output)
+
+
+def test_image_features_shapes_and_wrong_image_count_error():
+    model = tiny_model(vision_experts=4, projector_experts=4)
+    features = model.get_image_features(random_pixels(3))
+    assert features.pooler_output.shape == (3, NUM_PATCHES, 32)
+    assert features.last_hidden_state.shape == (3, NUM_PATCHES, 24 * 2)
+    input_ids, attention_mask = image_prompt([1, 2])
+    with pytest.raises(ValueError, match="image tokens"):
+        model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=random_pixels(2))
+    with pytest.raises(ValueError, match="pixel_values"):
+        model(input_ids=input_ids, pixel_values=torch.randn(3, 3, 32, 32))
+
+
+def test_precomputed_image_features_give_the_same_logits():
+    model = tiny_model(vision_experts=4, projector_experts=4)
+    input_ids, attention_mask = image_prompt([1])
+    pixel_values = random_pixels(1)
+    with torch.no_grad():
+        direct = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values).logits
+        cached = model.get_image_features(pixel_values)
+        reused = model(input_ids=input_ids, attention_mask=attention_mask, mm_encoder_outputs={"image": cached}).logits
+    assert torch.equal(direct, reused)
+
+
+def test_config_rejects_bad_moe_settings():
+    with pytest.raises(ValueError, match="num_experts_per_tok"):
+        tiny_config(vision_experts=2, vision_num_experts_per_tok=3)
+    with pytest.raises(ValueError, match="scales"):
+        tiny_config(scales=[1, 0])

@@ -1,0 +1,1 @@
+"""Training CuMo with TRL through the paper's three stages (see the trainer issue)."""
