@@ -386,8 +386,8 @@ class CuMoForConditionalGeneration(CuMoPreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> CuMoCausalLMOutputWithPast:
         r"""
-        labels (`torch.LongTensor` of shape `(batch, sequence)`, *optional*): next-token targets, -100 to ignore.
-            Image placeholder positions should be -100.
+        labels (`torch.LongTensor` of shape `(batch, sequence)`, *optional*): next-token targets, -100 to ignore;
+            image placeholder positions are always ignored.
         """
         compute_router_losses = labels is not None or self.training
         outputs = self.model(
@@ -406,6 +406,8 @@ class CuMoForConditionalGeneration(CuMoPreTrainedModel, GenerationMixin):
 
         loss = None
         if labels is not None:
+            if input_ids is not None:  # image positions predict nothing (and their id may be outside the vocabulary)
+                labels = labels.masked_fill(input_ids == self.config.image_token_id, -100)
             loss = self.loss_function(
                 logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
             )
