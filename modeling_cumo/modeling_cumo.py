@@ -141,6 +141,9 @@ class CuMoPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    # Kept in fp32 when loading in fp16, and never quantized by bitsandbytes: broken projectors are what users of
+    # other MoE VLMs report otherwise. (MoE routers and experts are plain parameters, which bitsandbytes leaves alone.)
+    _keep_in_fp32_modules = ["vision_tower", "multi_modal_projector"]
 
     @classmethod
     def _can_set_experts_implementation(cls) -> bool:
