@@ -320,8 +320,13 @@ class CuMoModel(CuMoPreTrainedModel):
 
         losses = {name: getattr(image_outputs, name, None) for name in ROUTER_LOSS_FIELDS[:4]}
         if text_losses:
-            # As the original: one "sample" of all batch x sequence tokens (padding included), averaged over layers.
-            balance, z = router_losses(torch.stack(outputs.router_logits))
+            # One "sample" of all the batch's tokens, averaged over layers. Unlike the original, padding is left
+            # out, as transformers' Mixtral does.
+            text_logits = torch.stack(outputs.router_logits)  # (layers, batch * sequence, experts)
+            if attention_mask is not None and attention_mask.ndim == 2:
+                real = attention_mask[:, -inputs_embeds.shape[1] :].reshape(-1).bool()
+                text_logits = text_logits[:, real.to(text_logits.device)]
+            balance, z = router_losses(text_logits)
             losses["text_balance_loss"], losses["text_router_z_loss"] = balance.mean(), z.mean()
         return CuMoModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,

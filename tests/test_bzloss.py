@@ -52,11 +52,11 @@ def test_model_losses_follow_the_original_accounting():
         if isinstance(module, CuMoTopKRouter):
             module.weight.data.normal_(0, 2.0)
     records = record_router_logits(model)
-    input_ids, attention_mask = image_prompt([1, 1])
+    input_ids, attention_mask = image_prompt([1, 2])
     labels = input_ids.masked_fill(input_ids == 384, -100).masked_fill(attention_mask == 0, -100)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=random_pixels(2), labels=labels)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=random_pixels(3), labels=labels)
 
-    num_images, scales, num_layers = 2, model.config.scales, model.config.vision_config.num_hidden_layers
+    num_images, scales, num_layers = 3, model.config.scales, model.config.vision_config.num_hidden_layers
     crops = [s * s * num_images for s in scales]
     vision = [logits for name, logits in records if "vision_tower" in name]
     assert len(vision) == num_layers  # every CLIP layer's router runs in the loss pass, the last one included
@@ -74,9 +74,10 @@ def test_model_losses_follow_the_original_accounting():
     assert out.projector_balance_loss.item() == pytest.approx(sum(balance_by_hand(projector.tolist())) / num_images, rel=1e-5)
     assert out.projector_router_z_loss.item() == pytest.approx(sum(z_by_hand(projector.tolist())) / num_images, rel=1e-5)
 
-    text = [logits for name, logits in records if "language_model" in name]
+    real = attention_mask.reshape(-1).bool()
+    text = [logits[real] for name, logits in records if "language_model" in name]
     assert len(text) == model.config.text_config.num_hidden_layers
-    # the LM's balance is global over all batch x sequence tokens, padding included
+    assert not real.all()  # the batch is padded: the LM's balance is global over its real tokens, padding left out
     assert out.text_balance_loss.item() == pytest.approx(
         sum(balance_by_hand([t.tolist()])[0] for t in text) / len(text), rel=1e-5
     )
