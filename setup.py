@@ -28,6 +28,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["modeling_cumo", "trainer", "space", "hub_upload"]),
     install_requires=CORE,
+    entry_points={"console_scripts": ["cumo-convert = hub_upload.convert_original:main"]},
     extras_require={
         "train": TRAIN,
         "space": SPACE,

@@ -1,0 +1,326 @@
+"""Convert a checkpoint of the original CuMo project (LLaVA-derived `llava_mistral` / `llava_mixtral` format, as
+`shi-labs/CuMo-mistral-7b` and `shi-labs/CuMo-mixtral-8x7b` ship) into a Hub-ready CuMo-HF folder that loads with
+`AutoModelForImageTextToText.from_pretrained(..., trust_remote_code=True)`.
+
+Weights are converted shard by shard (peak memory is about one input shard). Pickled `.bin` weights are refused
+unless --allow-pickle is given (then loaded with `weights_only=True`). The output appears only when complete.
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+from transformers import CONFIG_MAPPING, AutoTokenizer, CLIPVisionConfig, GenerationConfig
+
+import modeling_cumo
+from modeling_cumo import CuMoConfig, CuMoProcessor
+from modeling_cumo.processing_cumo import make_image_processor
+
+
+TEXT_MODEL_TYPES = {"llava_mistral": "mistral", "llava_mixtral": "mixtral"}
+# Fields of the original config that describe the multimodal wrapper or training, not the language model.
+WRAPPER_FIELDS = {
+    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "mm_vision_tower", "mm_hidden_size",
+    "scales", "mm_projector_type", "num_experts", "num_selected", "clip_smoe", "mlp_smoe", "mm_vision_select_layer",
+    "mm_vision_select_feature", "mm_patch_merge_type", "image_aspect_ratio", "mm_use_im_start_end",
+    "mm_use_im_patch_token", "tokenizer_padding_side", "tokenizer_model_max_length", "balance_loss_coef",
+    "router_z_loss_coef", "training", "local_rank", "use_mm_proj", "num_layers", "dropout", "tune_mm_mlp_adapter",
+    "freeze_mm_mlp_adapter", "mm_projector_lr", "image_grid_pinpoints", "mm_vision_tower_lr", "unfreeze_mm_vision_tower",
+}
+# The standard CLIP ViT-L/14-336 (`openai/clip-vit-large-patch14-336`), used when no tower config can be found.
+CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                  image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+REMOTE_CODE_FILES = ("configuration_cumo.py", "modeling_cumo.py", "moe_cumo.py", "vision_cumo.py", "processing_cumo.py")
+
+_CLIP_EXPERT = re.compile(r"^model\.vision_tower\.vision_model\.(encoder\.layers\.\d+)\.experts\.(\d+)\.(fc1|fc2)\.(weight|bias)$")
+_CLIP_ROUTER = re.compile(r"^model\.vision_tower\.vision_model\.(encoder\.layers\.\d+)\.gate\.weight$")
+_PROJECTOR_EXPERT = re.compile(r"^model\.mm_projector\.experts\.(\d+)\.(0|2)\.(weight|bias)$")
+_PROJECTOR_DENSE = re.compile(r"^model\.mm_projector\.(0|2)\.(weight|bias)$")
+
+
+class ConversionError(ValueError):
+    """The input is not an original CuMo checkpoint this converter understands."""
+
+
+def build_config(original: dict, vision_config: CLIPVisionConfig, image_token_id: int) -> CuMoConfig:
+    model_type = original.get("model_type")
+    if model_type not in TEXT_MODEL_TYPES:
+        raise ConversionError(
+            f"config.json has model_type {model_type!r}; expected one of {sorted(TEXT_MODEL_TYPES)} (an original CuMo "
+            "checkpoint)."
+        )
+    text_fields = {k: v for k, v in original.items() if k not in WRAPPER_FIELDS}
+    text_config = CONFIG_MAPPING[TEXT_MODEL_TYPES[model_type]].from_dict(text_fields)
+    if original.get("mm_hidden_size", vision_config.hidden_size) != vision_config.hidden_size:
+        raise ConversionError(
+            f"The vision tower config has hidden size {vision_config.hidden_size} but the checkpoint was trained with "
+            f"mm_hidden_size {original['mm_hidden_size']}: point --vision-tower at the right CLIP config."
+        )
+    projector_type = original.get("mm_projector_type", "smoe_mlp")
+    if projector_type not in ("smoe_mlp", "mlp2x_gelu"):
+        raise ConversionError(f"mm_projector_type {projector_type!r} is not supported (smoe_mlp or mlp2x_gelu).")
+    num_experts, top_k = original.get("num_experts", 4), original.get("num_selected", 2)
+    return CuMoConfig(
+        vision_config=vision_config.to_dict(),
+        text_config=text_config.to_dict(),
+        image_token_id=image_token_id,
+        scales=original.get("scales") or [1],
+        vision_feature_layer=-2,  # what the original computes, whatever mm_vision_select_layer says
+        vision_num_experts=num_experts if original.get("clip_smoe") else 0,
+        vision_num_experts_per_tok=top_k,
+        projector_num_experts=num_experts if projector_type == "smoe_mlp" else 0,
+        projector_num_experts_per_tok=top_k,
+        balance_loss_coef=original.get("balance_loss_coef", 0.1),
+        router_z_loss_coef=original.get("router_z_loss_coef", 0.01),
+        tie_word_embeddings=original.get("tie_word_embeddings", False),
+    )
+
+
+def find_vision_tower(input_dir: Path, name: str | None, override: Path | None) -> tuple[Path | None, str]:
+    """The CLIP folder: --vision-tower, else `mm_vision_tower` relative to the current folder or the checkpoint's
+    parent folder (as the original resolves it)."""
+    if override is not None:
+        if not (override / "config.json").is_file():
+            raise ConversionError(f"--vision-tower {override} has no config.json.")
+        return override, str(override)
+    for base in (Path.cwd(), input_dir.parent, input_dir):
+        if name and (base / name / "config.json").is_file():
+            return base / name, name
+    return None, name or "(none)"
+
+
+def load_vision_config(folder: Path | None, name: str) -> CLIPVisionConfig:
+    if folder is None:
+        warnings.warn(
+            f"No CLIP config found for mm_vision_tower {name!r} (pass --vision-tower DIR); using the standard CLIP "
+            "ViT-L/14-336 numbers.",
+            stacklevel=2,
+        )
+        return CLIPVisionConfig(**CLIP_L_336)
+    data = json.loads((folder / "config.json").read_text())
+    if data.get("model_type") == "clip":
+        data = data.get("vision_config") or {}
+    elif data.get("model_type") not in (None, "clip_vision_model"):
+        raise ConversionError(f"{folder}/config.json is a {data.get('model_type')!r} config, not a CLIP one.")
+    return CLIPVisionConfig.from_dict({k: v for k, v in data.items() if k not in ("model_type", "transformers_version")})
+
+
+def image_processor_for(folder: Path | None, image_size: int):
+    processor = make_image_processor(image_size)
+    config_file = folder / "preprocessor_config.json" if folder is not None else None
+    if config_file is not None and config_file.is_file():
+        data = json.loads(config_file.read_text())
+        processor.image_mean = data.get("image_mean", processor.image_mean)
+        processor.image_std = data.get("image_std", processor.image_std)
+    return processor
+
+
+def weight_files(input_dir: Path, allow_pickle: bool) -> list[Path]:
+    for index_name, pickled in (("model.safetensors.index.json", False), ("pytorch_model.bin.index.json", True)):
+        index = input_dir / index_name
+        if index.is_file():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            break
+    else:
+        files = [p.name for p in sorted(input_dir.glob("*.safetensors"))]
+        pickled = not files
+        if pickled:
+            files = [p.name for p in sorted(input_dir.glob("pytorch_model*.bin"))]
+    if not files:
+        raise ConversionError(f"{input_dir} holds no weights (*.safetensors or pytorch_model*.bin).")
+    if pickled and not allow_pickle:
+        raise ConversionError(
+            f"{input_dir} stores its weights as pickled .bin files, which can run code when loaded. Convert them only "
+            "if you trust their source, with --allow-pickle (they are then loaded with weights_only=True)."
+        )
+    missing = [name for name in files if not (input_dir / name).is_file()]
+    if missing:
+        raise ConversionError(f"Weight files named in the index are missing: {missing}")
+    return [input_dir / name for name in files]
+
+
+def read_shard(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    if path.suffix == ".safetensors":
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        yield from state.items()
+
+
+class KeyConverter:
+    """Renames original keys to CuMo-HF keys; per-expert tensors are buffered until every expert of a bank has
+    arrived (they may span shards), then stacked into the fused `[experts, out, in]` layout."""
+
+    def __init__(self, num_experts: int):
+        self.num_experts = num_experts
+        self.pending: dict[str, dict[int, torch.Tensor]] = {}
+
+    def __call__(self, key: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+        if match := _CLIP_EXPERT.match(key):
+            layer, expert, linear, kind = match.groups()
+            name = f"model.vision_tower.{layer}.mlp.experts.{'up_proj' if linear == 'fc1' else 'down_proj'}"
+            yield from self._expert(name + ("_bias" if kind == "bias" else ""), int(expert), tensor)
+        elif match := _CLIP_ROUTER.match(key):
+            yield f"model.vision_tower.{match.group(1)}.mlp.gate.weight", tensor
+        elif key.startswith("model.vision_tower.vision_model."):
+            yield "model.vision_tower." + key.removeprefix("model.vision_tower.vision_model."), tensor
+        elif match := _PROJECTOR_EXPERT.match(key):
+            expert, linear, kind = match.groups()
+            name = f"model.multi_modal_projector.experts.{'up_proj' if linear == '0' else 'down_proj'}"
+            yield from self._expert(name + ("_bias" if kind == "bias" else ""), int(expert), tensor)
+        elif key == "model.mm_projector.gate.weight":
+            yield "model.multi_modal_projector.gate.weight", tensor
+        elif match := _PROJECTOR_DENSE.match(key):
+            linear, kind = match.groups()
+            yield f"model.multi_modal_projector.linear_{1 if linear == '0' else 2}.{kind}", tensor
+        elif key.startswith("model.mm_projector.") or key.startswith("model.vision_tower."):
+            raise ConversionError(f"Unrecognised multimodal weight {key!r}.")
+        elif key.startswith("model."):
+            # The language model keeps its own names (Mixtral's per-expert w1/w2/w3 included: transformers fuses
+            # them on load, and writes them back this way on save).
+            yield "model.language_model." + key.removeprefix("model."), tensor
+        elif key == "lm_head.weight":
+            yield key, tensor
+        else:
+            raise ConversionError(f"Unrecognised weight {key!r}.")
+
+    def _expert(self, name: str, expert: int, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+        if not 0 <= expert < self.num_experts:
+            raise ConversionError(f"{name}: expert {expert} but the config says num_experts={self.num_experts}.")
+        bank = self.pending.setdefault(name, {})
+        bank[expert] = tensor
+        if len(bank) == self.num_experts:
+            del self.pending[name]
+            yield name, torch.stack([bank[e] for e in range(self.num_experts)])
+
+    def check_complete(self) -> None:
+        if self.pending:
+            name, bank = next(iter(self.pending.items()))
+            raise ConversionError(f"{name}: only experts {sorted(bank)} of {self.num_experts} are in the checkpoint.")
+
+
+def convert_weights(files: list[Path], output: Path, num_experts: int, dtype: torch.dtype | None) -> dict[str, str]:
+    """One output shard per input shard (plus the expert banks completed while reading it). Returns the weight map."""
+    converter = KeyConverter(num_experts)
+    weight_map, total_size = {}, 0
+    multi = len(files) > 1
+    for number, path in enumerate(tqdm(files, desc="Converting shards", unit="shard"), start=1):
+        shard = {}
+        for key, tensor in read_shard(path):
+            for new_key, new_tensor in converter(key, tensor):
+                if dtype is not None and new_tensor.is_floating_point():
+                    new_tensor = new_tensor.to(dtype)
+                shard[new_key] = new_tensor.contiguous()
+        name = f"model-{number:05d}-of-{len(files):05d}.safetensors" if multi else "model.safetensors"
+        save_file(shard, output / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+        total_size += sum(t.numel() * t.element_size() for t in shard.values())
+        del shard
+    converter.check_complete()
+    if multi:
+        index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+        (output / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return weight_map
+
+
+def convert(input_dir: Path, output_dir: Path, vision_tower: Path | None = None, allow_pickle: bool = False,
+            dtype: str | None = None) -> Path:
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    config_file = input_dir / "config.json"
+    if not config_file.is_file():
+        raise ConversionError(f"{input_dir} has no config.json: not a checkpoint folder.")
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise ConversionError(f"{output_dir} exists and is not empty; choose a new output folder.")
+    original = json.loads(config_file.read_text())
+    if original.get("model_type") not in TEXT_MODEL_TYPES:
+        raise ConversionError(
+            f"config.json has model_type {original.get('model_type')!r}; expected one of {sorted(TEXT_MODEL_TYPES)}."
+        )
+    files = weight_files(input_dir, allow_pickle)
+    tower_dir, tower_name = find_vision_tower(input_dir, original.get("mm_vision_tower"), vision_tower)
+    vision_config = load_vision_config(tower_dir, tower_name)
+
+    tokenizer = AutoTokenizer.from_pretrained(input_dir, extra_special_tokens={"image_token": "<image>"})
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token  # as the original does
+    config = build_config(original, vision_config, image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+    config.dtype = dtype or original.get("torch_dtype") or "float32"
+    processor = CuMoProcessor(image_processor_for(tower_dir, vision_config.image_size), tokenizer,
+                              patch_size=vision_config.patch_size)
+
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+    try:
+        num_experts = max(config.vision_num_experts, config.projector_num_experts, 1)
+        convert_weights(files, staging, num_experts, getattr(torch, dtype) if dtype else None)
+        config.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        generation = GenerationConfig.from_pretrained(input_dir) if (input_dir / "generation_config.json").is_file() \
+            else GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+        if generation.pad_token_id is None:
+            generation.pad_token_id = tokenizer.pad_token_id
+        generation.save_pretrained(staging)
+        package = Path(modeling_cumo.__file__).parent
+        for name in REMOTE_CODE_FILES:
+            shutil.copyfile(package / name, staging / name)
+        saved = json.loads((staging / "config.json").read_text())
+        saved["auto_map"] = {
+            "AutoConfig": "configuration_cumo.CuMoConfig",
+            "AutoModel": "modeling_cumo.CuMoForConditionalGeneration",
+            "AutoModelForImageTextToText": "modeling_cumo.CuMoForConditionalGeneration",
+        }
+        (staging / "config.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+        _set_default_permissions(staging)
+        if output_dir.exists():
+            output_dir.rmdir()  # empty, checked above
+        staging.rename(output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output_dir
+
+
+def _set_default_permissions(folder: Path) -> None:
+    """mkdtemp makes a private folder; give the result the permissions any new folder would get."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.iterdir():
+        path.chmod(0o666 & ~umask)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", type=Path, required=True,
+                        help="original checkpoint folder (config.json with model_type llava_mistral/llava_mixtral, "
+                             "weights, tokenizer)")
+    parser.add_argument("--output", type=Path, required=True, help="new folder for the converted model")
+    parser.add_argument("--vision-tower", type=Path, default=None,
+                        help="CLIP folder with config.json (a CLIPVisionConfig or full CLIPConfig); default: the "
+                             "checkpoint's mm_vision_tower, found from the current folder or the checkpoint's parent")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="accept pickled .bin weights (loaded with weights_only=True); only for trusted files")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="store the weights in this dtype (default: as they are)")
+    args = parser.parse_args(argv)
+    try:
+        output = convert(args.input, args.output, args.vision_tower, args.allow_pickle, args.dtype)
+    except ConversionError as error:
+        parser.exit(2, f"cumo-convert: error: {error}\n")
+    print(f"Converted {args.input} -> {output}")
+
+
+if __name__ == "__main__":
+    main()
