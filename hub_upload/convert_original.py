@@ -2,7 +2,8 @@
 `shi-labs/CuMo-mistral-7b` and `shi-labs/CuMo-mixtral-8x7b` ship) into a Hub-ready CuMo-HF folder that loads with
 `AutoModelForImageTextToText.from_pretrained(..., trust_remote_code=True)`.
 
-Weights are converted shard by shard (peak memory is about one input shard). Pickled `.bin` weights are refused
+Weights are read one tensor at a time and written in output shards (peak memory is about one output shard,
+--max-shard-size). Pickled `.bin` weights are refused
 unless --allow-pickle is given (then loaded with `weights_only=True`). The output appears only when complete.
 """
 
@@ -13,7 +14,6 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -149,94 +149,115 @@ def weight_files(input_dir: Path, allow_pickle: bool) -> list[Path]:
     return [input_dir / name for name in files]
 
 
-def read_shard(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    if path.suffix == ".safetensors":
+class WeightSource:
+    """Reads single tensors from the input files without loading whole shards: safetensors are read per tensor,
+    pickled `.bin` files are memory-mapped (`weights_only=True`)."""
+
+    def __init__(self, files: list[Path]):
+        self.location: dict[str, Path] = {}
+        self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
+        for path in files:
+            if path.suffix == ".safetensors":
+                with safe_open(path, framework="pt") as f:
+                    keys = list(f.keys())
+            else:
+                self._pickled[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                keys = list(self._pickled[path])
+            self.location.update(dict.fromkeys(keys, path))
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        path = self.location[key]
+        if path in self._pickled:
+            return self._pickled[path][key]
         with safe_open(path, framework="pt") as f:
-            for key in f.keys():
-                yield key, f.get_tensor(key)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        yield from state.items()
+            return f.get_tensor(key)
 
 
-class KeyConverter:
-    """Renames original keys to CuMo-HF keys; per-expert tensors are buffered until every expert of a bank has
-    arrived (they may span shards), then stacked into the fused `[experts, out, in]` layout."""
-
-    def __init__(self, num_experts: int):
-        self.num_experts = num_experts
-        self.pending: dict[str, dict[int, torch.Tensor]] = {}
-
-    def __call__(self, key: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
-        if match := _CLIP_EXPERT.match(key):
-            layer, expert, linear, kind = match.groups()
-            name = f"model.vision_tower.{layer}.mlp.experts.{'up_proj' if linear == 'fc1' else 'down_proj'}"
-            yield from self._expert(name + ("_bias" if kind == "bias" else ""), int(expert), tensor)
-        elif match := _CLIP_ROUTER.match(key):
-            yield f"model.vision_tower.{match.group(1)}.mlp.gate.weight", tensor
-        elif key.startswith("model.vision_tower.vision_model."):
-            yield "model.vision_tower." + key.removeprefix("model.vision_tower.vision_model."), tensor
-        elif match := _PROJECTOR_EXPERT.match(key):
-            expert, linear, kind = match.groups()
-            name = f"model.multi_modal_projector.experts.{'up_proj' if linear == '0' else 'down_proj'}"
-            yield from self._expert(name + ("_bias" if kind == "bias" else ""), int(expert), tensor)
-        elif key == "model.mm_projector.gate.weight":
-            yield "model.multi_modal_projector.gate.weight", tensor
-        elif match := _PROJECTOR_DENSE.match(key):
-            linear, kind = match.groups()
-            yield f"model.multi_modal_projector.linear_{1 if linear == '0' else 2}.{kind}", tensor
-        elif key.startswith("model.mm_projector.") or key.startswith("model.vision_tower."):
-            raise ConversionError(f"Unrecognised multimodal weight {key!r}.")
-        elif key.startswith("model."):
-            # The language model keeps its own names (Mixtral's per-expert w1/w2/w3 included: transformers fuses
-            # them on load, and writes them back this way on save).
-            yield "model.language_model." + key.removeprefix("model."), tensor
-        elif key == "lm_head.weight":
-            yield key, tensor
-        else:
-            raise ConversionError(f"Unrecognised weight {key!r}.")
-
-    def _expert(self, name: str, expert: int, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
-        if not 0 <= expert < self.num_experts:
-            raise ConversionError(f"{name}: expert {expert} but the config says num_experts={self.num_experts}.")
-        bank = self.pending.setdefault(name, {})
-        bank[expert] = tensor
-        if len(bank) == self.num_experts:
-            del self.pending[name]
-            yield name, torch.stack([bank[e] for e in range(self.num_experts)])
-
-    def check_complete(self) -> None:
-        if self.pending:
-            name, bank = next(iter(self.pending.items()))
-            raise ConversionError(f"{name}: only experts {sorted(bank)} of {self.num_experts} are in the checkpoint.")
+def target_name(key: str) -> tuple[str, int | None]:
+    """The CuMo-HF name of an original weight, and its expert index when it is one expert of a fused bank."""
+    if match := _CLIP_EXPERT.match(key):
+        layer, expert, linear, kind = match.groups()
+        name = f"model.vision_tower.{layer}.mlp.experts.{'up_proj' if linear == 'fc1' else 'down_proj'}"
+        return name + ("_bias" if kind == "bias" else ""), int(expert)
+    if match := _CLIP_ROUTER.match(key):
+        return f"model.vision_tower.{match.group(1)}.mlp.gate.weight", None
+    if key.startswith("model.vision_tower.vision_model."):
+        return "model.vision_tower." + key.removeprefix("model.vision_tower.vision_model."), None
+    if match := _PROJECTOR_EXPERT.match(key):
+        expert, linear, kind = match.groups()
+        name = f"model.multi_modal_projector.experts.{'up_proj' if linear == '0' else 'down_proj'}"
+        return name + ("_bias" if kind == "bias" else ""), int(expert)
+    if key == "model.mm_projector.gate.weight":
+        return "model.multi_modal_projector.gate.weight", None
+    if match := _PROJECTOR_DENSE.match(key):
+        linear, kind = match.groups()
+        return f"model.multi_modal_projector.linear_{1 if linear == '0' else 2}.{kind}", None
+    if key.startswith("model.mm_projector.") or key.startswith("model.vision_tower."):
+        raise ConversionError(f"Unrecognised multimodal weight {key!r}.")
+    if key.startswith("model."):
+        # The language model keeps its own names (Mixtral's per-expert w1/w2/w3 included: transformers fuses them
+        # on load, and writes them back this way on save).
+        return "model.language_model." + key.removeprefix("model."), None
+    if key == "lm_head.weight":
+        return key, None
+    raise ConversionError(f"Unrecognised weight {key!r}.")
 
 
-def convert_weights(files: list[Path], output: Path, num_experts: int, dtype: torch.dtype | None) -> dict[str, str]:
-    """One output shard per input shard (plus the expert banks completed while reading it). Returns the weight map."""
-    converter = KeyConverter(num_experts)
-    weight_map, total_size = {}, 0
-    multi = len(files) > 1
-    for number, path in enumerate(tqdm(files, desc="Converting shards", unit="shard"), start=1):
-        shard = {}
-        for key, tensor in read_shard(path):
-            for new_key, new_tensor in converter(key, tensor):
-                if dtype is not None and new_tensor.is_floating_point():
-                    new_tensor = new_tensor.to(dtype)
-                shard[new_key] = new_tensor.contiguous()
-        name = f"model-{number:05d}-of-{len(files):05d}.safetensors" if multi else "model.safetensors"
-        save_file(shard, output / name, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, name))
-        total_size += sum(t.numel() * t.element_size() for t in shard.values())
-        del shard
-    converter.check_complete()
-    if multi:
-        index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-        (output / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    return weight_map
+def plan_outputs(keys: list[str], num_experts: int) -> dict[str, list[str]]:
+    """Output name -> the input keys it is made of (one, or one per expert in expert order), in input order."""
+    plan: dict[str, dict[int | None, str]] = {}
+    for key in keys:
+        name, expert = target_name(key)
+        if expert is not None and not 0 <= expert < num_experts:
+            raise ConversionError(f"{key}: expert {expert} but the config says num_experts={num_experts}.")
+        plan.setdefault(name, {})[expert] = key
+    for name, parts in plan.items():
+        if None not in parts and sorted(parts) != list(range(num_experts)):
+            raise ConversionError(f"{name}: only experts {sorted(parts)} of {num_experts} are in the checkpoint.")
+    return {name: [parts[e] for e in sorted(parts, key=lambda e: -1 if e is None else e)] for name, parts in plan.items()}
+
+
+def convert_weights(files: list[Path], output: Path, num_experts: int, dtype: torch.dtype | None,
+                    max_shard_bytes: int) -> None:
+    """Write the converted weights in shards of at most `max_shard_bytes`; memory holds about one output shard."""
+    source = WeightSource(files)
+    plan = plan_outputs(list(source.location), num_experts)
+    shards, shard, shard_bytes = [], {}, 0
+
+    def flush():
+        nonlocal shard, shard_bytes
+        if shard:
+            path = output / f"shard-{len(shards):05d}.safetensors"
+            save_file(shard, path, metadata={"format": "pt"})
+            shards.append((path, list(shard), shard_bytes))
+            shard, shard_bytes = {}, 0
+
+    for name, keys in tqdm(plan.items(), desc="Converting weights", unit="tensor"):
+        tensors = [source[key] for key in keys]
+        tensor = torch.stack(tensors) if len(tensors) > 1 or target_name(keys[0])[1] is not None else tensors[0]
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        size = tensor.numel() * tensor.element_size()
+        if shard and shard_bytes + size > max_shard_bytes:
+            flush()
+        shard[name] = tensor.contiguous()
+        shard_bytes += size
+    flush()
+
+    if len(shards) == 1:
+        shards[0][0].rename(output / "model.safetensors")
+        return
+    weight_map = {}
+    for number, (path, names, _) in enumerate(shards, start=1):
+        final = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        path.rename(output / final)
+        weight_map.update(dict.fromkeys(names, final))
+    index = {"metadata": {"total_size": sum(size for _, _, size in shards)}, "weight_map": dict(sorted(weight_map.items()))}
+    (output / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 def convert(input_dir: Path, output_dir: Path, vision_tower: Path | None = None, allow_pickle: bool = False,
-            dtype: str | None = None) -> Path:
+            dtype: str | None = None, max_shard_size: str = "5GB") -> Path:
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     config_file = input_dir / "config.json"
     if not config_file.is_file():
@@ -264,7 +285,8 @@ def convert(input_dir: Path, output_dir: Path, vision_tower: Path | None = None,
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
     try:
         num_experts = max(config.vision_num_experts, config.projector_num_experts, 1)
-        convert_weights(files, staging, num_experts, getattr(torch, dtype) if dtype else None)
+        convert_weights(files, staging, num_experts, getattr(torch, dtype) if dtype else None,
+                        parse_size(max_shard_size))
         config.save_pretrained(staging)
         processor.save_pretrained(staging)
         generation = GenerationConfig.from_pretrained(input_dir) if (input_dir / "generation_config.json").is_file() \
@@ -292,6 +314,17 @@ def convert(input_dir: Path, output_dir: Path, vision_tower: Path | None = None,
     return output_dir
 
 
+def parse_size(size: str | int) -> int:
+    """'5GB' -> 5 * 10**9 (also KB, MB, GiB, MiB; a bare number is bytes)."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)?\s*", size, re.I)
+    if not match:
+        raise ConversionError(f"Cannot read the size {size!r}; write it like 5GB or 500MB.")
+    units = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30, None: 1}
+    return int(float(match.group(1)) * units[match.group(2).lower() if match.group(2) else None])
+
+
 def _set_default_permissions(folder: Path) -> None:
     """mkdtemp makes a private folder; give the result the permissions any new folder would get."""
     umask = os.umask(0)
@@ -314,9 +347,11 @@ def main(argv=None):
                         help="accept pickled .bin weights (loaded with weights_only=True); only for trusted files")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="store the weights in this dtype (default: as they are)")
+    parser.add_argument("--max-shard-size", default="5GB",
+                        help="largest output shard, e.g. 5GB or 500MB (default 5GB); memory use is about one shard")
     args = parser.parse_args(argv)
     try:
-        output = convert(args.input, args.output, args.vision_tower, args.allow_pickle, args.dtype)
+        output = convert(args.input, args.output, args.vision_tower, args.allow_pickle, args.dtype, args.max_shard_size)
     except ConversionError as error:
         parser.exit(2, f"cumo-convert: error: {error}\n")
     print(f"Converted {args.input} -> {output}")

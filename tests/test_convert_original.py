@@ -209,8 +209,11 @@ def test_multi_shard_synthetic_original_round_trips(tmp_path, text):
     model = tiny_model(vision_experts=3, projector_experts=3, text=text, scales=[1, 2],
                        vision_num_experts_per_tok=1, projector_num_experts_per_tok=1)
     write_original(model, tmp_path / "original" / "ckpt", shards=3)
-    folder = convert(tmp_path / "original" / "ckpt", tmp_path / "converted")
-    assert len(list(folder.glob("model-*.safetensors"))) == 3
+    folder = convert(tmp_path / "original" / "ckpt", tmp_path / "converted", max_shard_size="40KB")
+    shards = list(folder.glob("model-*.safetensors"))
+    assert len(shards) > 1 and all(p.stat().st_size < 60_000 for p in shards)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {p.name for p in shards}
     loaded = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
     assert loaded.config.scales == [1, 2] and loaded.config.projector_num_experts_per_tok == 1
     ids = torch.tensor([[1, 5, 6] + [384] * 16 + [7, 8, 9]])
