@@ -5,6 +5,10 @@
 Weights are read one tensor at a time and written in output shards (peak memory is about one output shard,
 --max-shard-size). Pickled `.bin` weights are refused
 unless --allow-pickle is given (then loaded with `weights_only=True`). The output appears only when complete.
+
+With --base, the inputs are instead the weight files the original training saves on their own (`mm_projector.bin`
+after pre-training, `clip.bin`), loaded into a copy of a CuMo-HF folder, so that a stage-1/2 checkpoint of the
+original project can continue in this project's trainer.
 """
 
 import argparse
@@ -314,6 +318,75 @@ def convert(input_dir: Path, output_dir: Path, vision_tower: Path | None = None,
     return output_dir
 
 
+_PARTIAL_PREFIXES = {
+    "model.mm_projector.": "model.mm_projector.",
+    "mm_projector.": "model.mm_projector.",
+    "model.vision_tower.vision_model.": "model.vision_tower.vision_model.",
+    "vision_tower.vision_model.": "model.vision_tower.vision_model.",
+    "model.vision_tower.": "model.vision_tower.vision_model.",
+    "vision_tower.": "model.vision_tower.vision_model.",
+    "vision_model.": "model.vision_tower.vision_model.",
+}
+
+
+def _original_partial_key(key: str) -> str:
+    for prefix, replacement in _PARTIAL_PREFIXES.items():
+        if key.startswith(prefix):
+            return replacement + key.removeprefix(prefix)
+    raise ConversionError(f"{key!r} is neither a projector nor a vision tower weight.")
+
+
+def apply_original_weights(model, files: list[Path]) -> list[str]:
+    """Load the projector / vision tower weights that the original training saves on their own (`mm_projector.bin`
+    after pre-training, `clip.bin`) into a CuMo model, e.g. one made by `cumo-init`. Returns the names loaded."""
+    source = WeightSource(files)
+    originals = {_original_partial_key(key): key for key in source.location}
+    experts = [target_name(key)[1] for key in originals]
+    num_experts = max([e for e in experts if e is not None], default=0) + 1
+    state = model.state_dict()
+    updates = {}
+    for name, keys in plan_outputs(list(originals), num_experts).items():
+        tensors = [source[originals[key]] for key in keys]
+        tensor = torch.stack(tensors) if target_name(keys[0])[1] is not None else tensors[0]
+        if name not in state:
+            kind = "an MoE" if target_name(keys[0])[1] is not None or name.endswith("gate.weight") else "a dense"
+            raise ConversionError(
+                f"{name} (from {source.location[originals[keys[0]]].name}) does not exist in the model: the file holds "
+                f"{kind} block; upcycle the model or build it with matching MoE settings first."
+            )
+        if tensor.shape != state[name].shape:
+            raise ConversionError(f"{name}: the file has shape {tuple(tensor.shape)}, the model {tuple(state[name].shape)}.")
+        updates[name] = tensor.to(state[name].dtype)
+    model.load_state_dict(updates, strict=False)
+    return sorted(updates)
+
+
+def convert_partial(files: list[Path], base: Path, output_dir: Path) -> Path:
+    """A copy of the CuMo folder `base` with the original's projector / vision tower weight files loaded into it."""
+    from modeling_cumo import CuMoForConditionalGeneration
+
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise ConversionError(f"{output_dir} exists and is not empty; choose a new output folder.")
+    model = CuMoForConditionalGeneration.from_pretrained(base)
+    apply_original_weights(model, files)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+    try:
+        weights = re.compile(r"^(model.*\.safetensors|.*\.index\.json|pytorch_model.*\.bin)$")
+        for path in Path(base).iterdir():
+            if path.is_file() and not weights.match(path.name):
+                shutil.copy(path, staging / path.name)
+        model.save_pretrained(staging)
+        _set_default_permissions(staging)
+        if output_dir.exists():
+            output_dir.rmdir()
+        staging.rename(output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output_dir
+
+
 def parse_size(size: str | int) -> int:
     """'5GB' -> 5 * 10**9 (also KB, MB, GiB, MiB; a bare number is bytes)."""
     if isinstance(size, int):
@@ -336,9 +409,11 @@ def _set_default_permissions(folder: Path) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", type=Path, required=True,
+    parser.add_argument("--input", type=Path, required=True, nargs="+",
                         help="original checkpoint folder (config.json with model_type llava_mistral/llava_mixtral, "
-                             "weights, tokenizer)")
+                             "weights, tokenizer); with --base: the original training's mm_projector.bin / clip.bin")
+    parser.add_argument("--base", type=Path, default=None,
+                        help="a CuMo-HF folder (e.g. from cumo-init) into which the --input weight files are loaded")
     parser.add_argument("--output", type=Path, required=True, help="new folder for the converted model")
     parser.add_argument("--vision-tower", type=Path, default=None,
                         help="CLIP folder with config.json (a CLIPVisionConfig or full CLIPConfig); default: the "
@@ -351,10 +426,19 @@ def main(argv=None):
                         help="largest output shard, e.g. 5GB or 500MB (default 5GB); memory use is about one shard")
     args = parser.parse_args(argv)
     try:
-        output = convert(args.input, args.output, args.vision_tower, args.allow_pickle, args.dtype, args.max_shard_size)
+        if args.base is not None:
+            pickled = [f for f in args.input if f.suffix != ".safetensors"]
+            if pickled and not args.allow_pickle:
+                raise ConversionError(f"{pickled[0]} is a pickle file; add --allow-pickle if you trust its source.")
+            output = convert_partial(args.input, args.base, args.output)
+        elif len(args.input) != 1:
+            raise ConversionError("Give one checkpoint folder as --input (several files only with --base).")
+        else:
+            output = convert(args.input[0], args.output, args.vision_tower, args.allow_pickle, args.dtype,
+                             args.max_shard_size)
     except ConversionError as error:
         parser.exit(2, f"cumo-convert: error: {error}\n")
-    print(f"Converted {args.input} -> {output}")
+    print(f"Converted {' '.join(map(str, args.input))} -> {output}")
 
 
 if __name__ == "__main__":

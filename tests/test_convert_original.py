@@ -270,3 +270,35 @@ def test_command_line_reports_errors_in_the_users_terms(tmp_path):
     help_text = subprocess.run([sys.executable, "-m", "hub_upload.convert_original", "--help"], capture_output=True,
                                text=True, timeout=120).stdout
     assert "--allow-pickle" in help_text and "--vision-tower" in help_text
+
+
+def test_original_training_files_load_into_a_cumo_folder(tmp_path):
+    trained = tiny_model(seed=1, projector_experts=4, vision_experts=4)
+    projector = {k.replace("model.multi_modal_projector.", "model.mm_projector."): v
+                 for k, v in original_keys(trained).items() if k.startswith("model.mm_projector.")}
+    clip = {k: v for k, v in original_keys(trained).items() if k.startswith("model.vision_tower.")}
+    torch.save(projector, tmp_path / "mm_projector.bin")
+    torch.save(clip, tmp_path / "clip.bin")
+    tiny_model(seed=2, projector_experts=4, vision_experts=4).save_pretrained(tmp_path / "base")
+
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "hub_upload.convert_original", "--input", str(tmp_path / "mm_projector.bin"),
+               str(tmp_path / "clip.bin"), "--base", str(tmp_path / "base"), "--output", str(tmp_path / "out")]
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "--allow-pickle" in refused.stderr
+    run = subprocess.run(command + ["--allow-pickle"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "out", trust_remote_code=True)
+    ours, theirs = loaded.state_dict(), trained.state_dict()
+    for key in theirs:
+        if "vision_tower" in key or "multi_modal_projector" in key:
+            assert torch.equal(ours[key], theirs[key]), key
+    assert not torch.equal(ours["lm_head.weight"], theirs["lm_head.weight"])  # the rest comes from the base
+
+    dense = tiny_model(seed=3)
+    from hub_upload.convert_original import apply_original_weights
+
+    with pytest.raises(ConversionError, match="upcycle"):
+        apply_original_weights(dense, [tmp_path / "mm_projector.bin"])

@@ -184,3 +184,15 @@ def test_config_rejects_bad_moe_settings():
         tiny_config(vision_experts=2, vision_num_experts_per_tok=3)
     with pytest.raises(ValueError, match="scales"):
         tiny_config(scales=[1, 0])
+
+
+@pytest.mark.parametrize("text", ["llama", "qwen2"])
+def test_other_causal_lms_work_through_text_config(text):
+    model = tiny_model(vision_experts=4, projector_experts=4, text=text)
+    assert type(model.model.language_model).__name__.lower().startswith(text)
+    input_ids, attention_mask = image_prompt([1, 1])
+    out = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=random_pixels(2), labels=input_ids)
+    assert torch.isfinite(out.loss) and out.text_balance_loss is None
+    generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, pixel_values=random_pixels(2),
+                               max_new_tokens=3, do_sample=False)
+    assert generated.shape == (2, input_ids.shape[1] + 3)
