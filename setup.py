@@ -16,7 +16,7 @@ CORE = [
 TRAIN = ["trl==1.16.0", "accelerate>=1.10", "peft>=0.17", "datasets>=3.0", "pyyaml", "tqdm", "matplotlib"]
 SPACE = ["gradio>=6.0,<7", "gradio_client>=2.0"]
 FLASH = ["flash-attn>=2.6"]
-TEST = ["pytest>=8", "pytest-timeout"]
+TEST = ["pytest>=8"]
 
 setup(
     name="cumo-hf",
@@ -33,7 +33,7 @@ setup(
         "train": TRAIN,
         "space": SPACE,
         "flash": FLASH,
-        "test": TEST,
+        "test": TEST + TRAIN,
         "all": TRAIN + SPACE + TEST,
     },
 )

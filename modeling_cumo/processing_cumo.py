@@ -37,6 +37,23 @@ CHAT_TEMPLATE = (
 )
 
 
+# The original's `plain` format of pre-training (stage 1): BOS, the images, the caption and a newline; no roles, no
+# system text. Only the caption is marked for the loss.
+PLAIN_CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}{%- set text = message['content'] -%}{%- set num_images = 0 -%}"
+    "{%- else -%}"
+    "{%- set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('\\n') -%}"
+    "{%- set num_images = message['content'] | selectattr('type', 'equalto', 'image') | list | length -%}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'user' -%}{{- '<image>' * num_images -}}"
+    "{%- elif message['role'] == 'assistant' -%}{%- generation -%}{{- text + '\\n' -}}{%- endgeneration -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+
 def make_image_processor(image_size: int = 336) -> LlavaImageProcessorPil:
     """Pad to a square with the CLIP mean colour, resize the shortest edge to `image_size` (bicubic), centre-crop,
     rescale, CLIP-normalise: the original's `image_aspect_ratio="pad"` preprocessing, bit-exact with PIL."""
@@ -104,4 +121,4 @@ class CuMoProcessor(LlavaProcessor):
 
 CuMoProcessor.register_for_auto_class()
 
-__all__ = ["CuMoProcessor", "CHAT_TEMPLATE", "make_image_processor", "to_rgb_image"]
+__all__ = ["CuMoProcessor", "CHAT_TEMPLATE", "PLAIN_CHAT_TEMPLATE", "make_image_processor", "to_rgb_image"]

@@ -1,0 +1,207 @@
+"""CuMoSFTTrainer: the three stages change what they should, bzloss reaches the loss on TRL's paths, resume."""
+
+import json
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+from PIL import Image
+
+from conftest import tiny_model, tiny_processor
+from trainer import CuMoDataCollator, CuMoSFTConfig, CuMoSFTTrainer, load_llava_json
+
+
+COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30)}
+
+
+def colour_dataset(n=24):
+    rows = []
+    for i in range(n):
+        name = list(COLOURS)[i % 3]
+        rows.append({
+            "messages": [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": f"It is {name}."}]},
+            ],
+            "images": [Image.new("RGB", (20 + i % 5, 24), COLOURS[name])],
+        })
+    return Dataset.from_list(rows)
+
+
+def make_trainer(tmp_path, stage, model, dataset=None, **overrides):
+    settings = dict(output_dir=str(tmp_path / "out"), stage=stage, per_device_train_batch_size=4, max_steps=4,
+                    learning_rate=2e-3, logging_steps=1, report_to="none", use_cpu=True, save_strategy="no",
+                    seed=0, data_seed=0, lr_scheduler_type="constant")
+    settings.update(overrides)
+    return CuMoSFTTrainer(model=model, args=CuMoSFTConfig(**settings), train_dataset=dataset or colour_dataset(),
+                          processing_class=tiny_processor())
+
+
+def snapshot(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def test_pt_trains_only_the_projector(tmp_path):
+    model = tiny_model()
+    before = snapshot(model)
+    make_trainer(tmp_path, "pt", model).train()
+    after = snapshot(model)
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and all(name.startswith("model.multi_modal_projector.") for name in changed)
+    assert {n for n in before if n.startswith("model.multi_modal_projector.")} == changed
+
+
+def test_pt_uses_the_plain_format_with_loss_on_the_caption_only(tmp_path):
+    trainer = make_trainer(tmp_path, "pt", tiny_model())
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    tokenizer = trainer.processing_class.tokenizer
+    text = tokenizer.decode(batch["input_ids"][0])
+    assert text.startswith("<s><image>") and "[INST]" not in text
+    assert tokenizer.decode(batch["labels"][0][batch["labels"][0] != -100]).strip() == "It is red."
+
+
+def test_pft_changes_vision_projector_and_language_model(tmp_path):
+    model = tiny_model()
+    before = snapshot(model)
+    make_trainer(tmp_path, "pft", model).train()
+    changed = {name.split(".")[1] for name, p in model.named_parameters() if not torch.equal(before[name], p)}
+    assert {"vision_tower", "multi_modal_projector", "language_model"} <= changed
+
+
+def test_dense_stages_refuse_an_moe_model(tmp_path):
+    with pytest.raises(ValueError, match="dense"):
+        make_trainer(tmp_path, "pft", tiny_model(vision_experts=4))
+
+
+def test_vit_upcycles_then_experts_diverge_with_bzloss(tmp_path):
+    model = tiny_model()
+    trainer = make_trainer(tmp_path, "vit", model, max_steps=12)
+    experts = model.model.vision_tower.encoder.layers[0].mlp.experts
+    assert torch.equal(experts.up_proj[0], experts.up_proj[1]) and torch.equal(experts.up_proj[1], experts.up_proj[3])
+    routers = {name: p.detach().clone() for name, p in model.named_parameters() if name.endswith("gate.weight")}
+    assert len(routers) == 3 + 1
+    trainer.train()
+    assert not torch.equal(experts.up_proj[0], experts.up_proj[1])
+    for name, p in model.named_parameters():
+        if name in routers:
+            assert not torch.equal(p, routers[name]), f"router {name} got no gradient"
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    for key in ("vision_balance_loss", "vision_router_z_loss", "projector_balance_loss", "projector_router_z_loss"):
+        assert all(math.isfinite(entry[key]) for entry in logs), key
+    losses = [entry["loss"] for entry in logs]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_trainer_adds_the_models_own_bzloss(tmp_path, fused):
+    model = tiny_model(vision_experts=4, projector_experts=4, text="mixtral")
+    extra = {} if fused else {"compute_loss_func": lambda outputs, labels, num_items_in_batch=None: cross_entropy(outputs.logits, labels)}
+    with pytest.warns(FutureWarning) if not fused else _nothing():
+        trainer = CuMoSFTTrainer(
+            model=model, train_dataset=colour_dataset(), processing_class=tiny_processor(),
+            args=CuMoSFTConfig(output_dir=str(tmp_path), stage="vit", report_to="none", use_cpu=True), **extra,
+        )
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+    model.train()
+    with torch.no_grad():
+        own = model(**batch)  # the model's own loss: cross-entropy + 0.1 x balance + 0.01 x z, all three modules
+        loss = trainer.compute_loss(model, dict(batch))
+    assert own.text_balance_loss is not None
+    assert loss.item() == pytest.approx(own.loss.item(), rel=1e-5)
+    for name in ("vision_balance_loss", "projector_router_z_loss", "text_balance_loss", "text_router_z_loss"):
+        assert trainer._metrics["train"][name][-1] == pytest.approx(getattr(own, name).item(), rel=1e-5)
+
+
+def cross_entropy(logits, labels):
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args):
+        return False
+
+
+def test_resumed_run_ends_with_the_same_weights(tmp_path):
+    def run(output, max_steps, resume=None, save_steps=3):
+        model = tiny_model()
+        trainer = make_trainer(tmp_path, "vit", model, output_dir=str(tmp_path / output), max_steps=max_steps,
+                               save_strategy="steps", save_steps=save_steps)
+        trainer.train(resume_from_checkpoint=resume)
+        return snapshot(model)
+
+    uninterrupted = run("full", 6)
+    run("part", 3)
+    resumed = run("part", 6, resume=str(tmp_path / "part" / "checkpoint-3"))
+    assert uninterrupted.keys() == resumed.keys()
+    for name in uninterrupted:
+        assert torch.allclose(uninterrupted[name], resumed[name], atol=1e-6), name
+
+
+def test_llava_json_and_trl_messages_give_the_same_batch(tmp_path):
+    image = Image.new("RGB", (30, 22), (10, 200, 90))
+    image.save(tmp_path / "leaf.png")
+    record = {"id": "sample-7", "image": "leaf.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat colour is the leaf?"},
+        {"from": "gpt", "value": "Green."},
+        {"from": "human", "value": "Is it large?"},
+        {"from": "gpt", "value": "No."},
+    ]}
+    (tmp_path / "data.json").write_text(json.dumps([record]))
+    llava = load_llava_json(tmp_path / "data.json")
+    trl = Dataset.from_list([{"messages": [
+        {"role": "user", "content": "What colour is the leaf?"}, {"role": "assistant", "content": "Green."},
+        {"role": "user", "content": "Is it large?"}, {"role": "assistant", "content": "No."},
+    ], "images": [Image.open(tmp_path / "leaf.png")]}])
+    processor = tiny_processor()
+    collator = CuMoDataCollator(processor=processor, assistant_only_loss=True, image_token_id=384)
+    a, b = collator([llava[0]]), collator([trl[0]])
+    assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
+    assert torch.equal(a["pixel_values"], b["pixel_values"])
+    labelled = processor.tokenizer.decode(a["labels"][0][a["labels"][0] != -100])
+    assert "Green." in labelled and "No." in labelled and "leaf" not in labelled
+    assert (a["labels"][a["input_ids"] == 384] == -100).all()
+
+
+def test_bad_images_are_reported_by_sample_and_skipped_on_request(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "good.png")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    records = [
+        {"id": "ok", "image": "good.png", "conversations": [{"from": "human", "value": "<image>\nHi"}, {"from": "gpt", "value": "Hello"}]},
+        {"id": "gone", "image": "missing.png", "conversations": [{"from": "human", "value": "<image>\nHi"}, {"from": "gpt", "value": "Hello"}]},
+        {"id": "corrupt", "image": "broken.png", "conversations": [{"from": "human", "value": "<image>\nHi"}, {"from": "gpt", "value": "Hello"}]},
+    ]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    with pytest.raises(ValueError, match="gone"):
+        load_llava_json(tmp_path / "data.json")
+    dataset = load_llava_json(tmp_path / "data.json", on_bad_image="skip")
+    assert dataset["id"] == ["ok", "corrupt"]
+    strict = CuMoDataCollator(processor=tiny_processor(), image_token_id=384)
+    with pytest.raises(ValueError, match="corrupt"):
+        strict([dataset[0], dataset[1]])
+    lenient = CuMoDataCollator(processor=tiny_processor(), image_token_id=384, on_bad_image="skip")
+    assert lenient([dataset[0], dataset[1]])["input_ids"].shape[0] == 1
+
+
+def test_two_process_data_parallel_run_keeps_ranks_identical(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).parent / "ddp_worker.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+         str(worker), str(tmp_path)], capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]  # two ranks really ran
+    initial = tiny_model().upcycle().state_dict()
+    for name, tensor in ranks[0]["state"].items():
+        assert torch.equal(tensor, ranks[1]["state"][name]), name
+    assert any(not torch.equal(t, initial[n]) for n, t in ranks[0]["state"].items() if "gate" not in n)
