@@ -28,7 +28,15 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["modeling_cumo", "trainer", "space", "hub_upload"]),
     install_requires=CORE,
-    entry_points={"console_scripts": ["cumo-convert = hub_upload.convert_original:main"]},
+    entry_points={
+        "console_scripts": [
+            "cumo-convert = hub_upload.convert_original:main",
+            "cumo-init = trainer.init_model:main",
+            "cumo-train = trainer.train:main",
+        ]
+    },
+    include_package_data=True,
+    package_data={"trainer": ["recipes/*.yaml", "accelerate/*.yaml"]},
     extras_require={
         "train": TRAIN,
         "space": SPACE,

@@ -205,3 +205,61 @@ def test_two_process_data_parallel_run_keeps_ranks_identical(tmp_path):
     for name, tensor in ranks[0]["state"].items():
         assert torch.equal(tensor, ranks[1]["state"][name]), name
     assert any(not torch.equal(t, initial[n]) for n, t in ranks[0]["state"].items() if "gate" not in n)
+
+
+def test_lora_on_the_language_model_keeps_its_base_weights(tmp_path):
+    from peft import LoraConfig
+
+    from trainer.train import LORA_TARGETS
+
+    model = tiny_model()
+    before = snapshot(model)
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS,
+                             modules_to_save=["multi_modal_projector", "vision_tower"])
+    trainer = CuMoSFTTrainer(model=model, train_dataset=colour_dataset(), processing_class=tiny_processor(),
+                             peft_config=peft_config, args=CuMoSFTConfig(
+                                 output_dir=str(tmp_path), stage="pft", per_device_train_batch_size=4, max_steps=3,
+                                 learning_rate=2e-3, report_to="none", use_cpu=True, save_strategy="no"))
+    trainer.train()
+    merged = trainer.model.merge_and_unload()
+    after = snapshot(merged)
+    assert after.keys() == before.keys()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert any(".q_proj." in n and "language_model" in n for n in changed)  # LoRA folded into the LLM's attention
+    assert not any("embed_tokens" in n or "norm" in n for n in changed if "language_model" in n)
+    assert any(n.startswith("model.multi_modal_projector.") for n in changed)
+    assert any(n.startswith("model.vision_tower.") for n in changed)
+
+
+def test_cumo_init_builds_a_dense_cumo_from_clip_and_an_llm(tmp_path):
+    import shutil
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor, CLIPConfig, CLIPModel, MistralConfig, MistralForCausalLM
+
+    from conftest import DATA
+    from trainer.init_model import main
+
+    torch.manual_seed(0)
+    clip = CLIPModel(CLIPConfig(
+        vision_config=dict(hidden_size=24, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                           image_size=28, patch_size=7),
+        text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)))
+    clip.save_pretrained(tmp_path / "clip")  # a full CLIPModel, as openai/clip-vit-large-patch14-336 is
+    llm = MistralForCausalLM(MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, vocab_size=384))
+    llm.save_pretrained(tmp_path / "llm")
+    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(DATA / "original_ckpt" / name, tmp_path / "llm" / name)
+
+    main(["--vision-tower", str(tmp_path / "clip"), "--llm", str(tmp_path / "llm"), "--output", str(tmp_path / "cumo"),
+          "--dtype", "float32", "--scales", "1", "2"])
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "cumo", trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained(tmp_path / "cumo", trust_remote_code=True)
+    assert model.config.scales == [1, 2] and not model.config.vision_is_moe and not model.config.projector_is_moe
+    assert processor.image_token_id == model.config.image_token_id == 384
+    clip_layer = clip.vision_model.encoder.layers[1] if hasattr(clip, "vision_model") else clip.vision_tower.encoder.layers[1]
+    assert torch.equal(model.model.vision_tower.encoder.layers[1].mlp.fc1.weight, clip_layer.mlp.fc1.weight)
+    ids = torch.tensor([[1, 40, 50, 60]])
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, llm(input_ids=ids).logits)
+    assert processor.apply_chat_template([{"role": "user", "content": "Hi"}]).startswith("<s>[INST] <<SYS>>")

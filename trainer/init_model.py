@@ -1,0 +1,98 @@
+"""`cumo-init`: build a fresh dense CuMo from a CLIP vision tower and a causal language model, ready for stage `pt`.
+
+The CLIP weights (from a CLIPModel or CLIPVisionModel checkpoint) and the language model's weights are copied in,
+the projector is freshly initialised, `<image>` is added to the tokenizer as a special token, and the folder gets
+the CuMo chat template, the processor and the remote code.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel, GenerationConfig
+from transformers.utils import cached_file
+
+from modeling_cumo import CuMoConfig, CuMoForConditionalGeneration, CuMoProcessor
+from modeling_cumo.processing_cumo import make_image_processor
+
+
+def clip_vision_config(vision_tower: str):
+    config = AutoConfig.from_pretrained(vision_tower)
+    config = getattr(config, "vision_config", config)
+    if config.model_type != "clip_vision_model":
+        raise ValueError(f"{vision_tower} is a {config.model_type!r} model; CuMo's vision tower is CLIP.")
+    return config
+
+
+def image_processor_for(vision_tower: str, image_size: int):
+    processor = make_image_processor(image_size)
+    path = cached_file(vision_tower, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False)
+    if path is not None:
+        settings = json.loads(Path(path).read_text())
+        processor.image_mean = settings.get("image_mean", processor.image_mean)
+        processor.image_std = settings.get("image_std", processor.image_std)
+    return processor
+
+
+def build(vision_tower: str, llm: str, scales=(1, 3), dtype: str = "float32", image_token: str = "<image>"):
+    """The dense CuMo and its processor (nothing written)."""
+    torch_dtype = getattr(torch, dtype)
+    tokenizer = AutoTokenizer.from_pretrained(llm, extra_special_tokens={"image_token": image_token})
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    vision_config = clip_vision_config(vision_tower)
+    language_model = AutoModelForCausalLM.from_pretrained(llm, dtype=torch_dtype)
+    text_config = language_model.config
+    config = CuMoConfig(
+        vision_config=vision_config.to_dict(),
+        text_config=text_config.to_dict(),
+        image_token_id=tokenizer.convert_tokens_to_ids(image_token),
+        scales=list(scales),
+        vision_num_experts=0,
+        projector_num_experts=0,
+        tie_word_embeddings=getattr(text_config, "tie_word_embeddings", False),
+    )
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch_dtype)
+    try:
+        model = CuMoForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(previous)
+
+    clip = CLIPVisionModel.from_pretrained(vision_tower, dtype=torch_dtype)
+    missing, unexpected = model.model.vision_tower.load_state_dict(clip.state_dict(), strict=False)
+    if missing or any(not key.startswith("post_layernorm.") for key in unexpected):
+        raise ValueError(f"CLIP weights do not fit the vision tower: missing {missing}, unexpected {unexpected}")
+    del clip
+    model.model.language_model.load_state_dict(language_model.get_decoder().state_dict())
+    model.lm_head.load_state_dict(language_model.get_output_embeddings().state_dict())
+    model.generation_config = GenerationConfig.from_model_config(text_config)
+    if language_model.generation_config is not None:
+        model.generation_config = language_model.generation_config
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    del language_model
+    processor = CuMoProcessor(image_processor_for(vision_tower, vision_config.image_size), tokenizer,
+                              patch_size=vision_config.patch_size, image_token=image_token)
+    return model, processor
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vision-tower", required=True,
+                        help="CLIP folder or Hub id (e.g. openai/clip-vit-large-patch14-336)")
+    parser.add_argument("--llm", required=True, help="causal LM folder or Hub id (e.g. mistralai/Mistral-7B-Instruct-v0.2)")
+    parser.add_argument("--output", type=Path, required=True, help="folder to write the CuMo model to")
+    parser.add_argument("--scales", type=int, nargs="+", default=[1, 3], help="S2 scales (default: 1 3)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
+                        help="dtype of the written weights (default: bfloat16)")
+    args = parser.parse_args(argv)
+    model, processor = build(args.vision_tower, args.llm, args.scales, args.dtype)
+    model.save_pretrained(args.output)
+    processor.save_pretrained(args.output)
+    print(f"Wrote a dense CuMo ({model.num_parameters() / 1e9:.2f}B parameters) to {args.output}; "
+          f"next: cumo-train --config trainer/recipes/pt.yaml --model_name_or_path {args.output}")
+
+
+if __name__ == "__main__":
+    main()
