@@ -263,3 +263,17 @@ def test_cumo_init_builds_a_dense_cumo_from_clip_and_an_llm(tmp_path):
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, llm(input_ids=ids).logits)
     assert processor.apply_chat_template([{"role": "user", "content": "Hi"}]).startswith("<s>[INST] <<SYS>>")
+
+
+def test_moe_blocks_become_zero3_leaf_modules():
+    pytest.importorskip("deepspeed")
+    from deepspeed.utils import z3_leaf_module
+
+    from trainer.sft_trainer import register_moe_leaf_modules
+
+    model = tiny_model(vision_experts=4, projector_experts=4, text="mixtral")
+    classes = {cls.__name__ for cls in register_moe_leaf_modules(model)}
+    assert classes == {"CuMoSparseMLP", "CuMoMultiModalProjector", "MixtralSparseMoeBlock"}
+    assert z3_leaf_module(model.model.vision_tower.encoder.layers[0].mlp)
+    assert z3_leaf_module(model.model.language_model.layers[0].mlp)
+    assert not z3_leaf_module(model.model.vision_tower.encoder.layers[0].self_attn)

@@ -9,6 +9,7 @@ import logging
 
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from trl import SFTTrainer
 
 from modeling_cumo.modeling_cumo import ROUTER_LOSS_FIELDS
@@ -57,6 +58,20 @@ def freeze_parameters_without_gradient(backbone) -> None:
             layer.requires_grad_(False)
 
 
+MOE_BLOCK_CLASS_NAMES = ("CuMoSparseMLP", "CuMoMultiModalProjector", "MixtralSparseMoeBlock")
+
+
+def register_moe_leaf_modules(model) -> list[type]:
+    """Under DeepSpeed ZeRO-3, make the sparse MoE blocks leaf modules (their parameters are gathered as a whole):
+    ranks route tokens to different experts, and ZeRO-3's per-submodule prefetching otherwise hangs."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    classes = list({type(m) for m in model.modules() if type(m).__name__ in MOE_BLOCK_CLASS_NAMES})
+    if classes:
+        set_z3_leaf_modules(model, classes)
+    return classes
+
+
 def prepare_stage(model, args: CuMoSFTConfig) -> None:
     """Freeze or upcycle `model` in place for `args.stage` (paper, Table 6)."""
     backbone = find_backbone(model)
@@ -79,6 +94,8 @@ def prepare_stage(model, args: CuMoSFTConfig) -> None:
         logger.info("Co-upcycled the dense blocks into top-%d-of-%d MoE blocks.", args.upcycle_num_experts_per_tok,
                     args.upcycle_num_experts)
     freeze_parameters_without_gradient(backbone)
+    if is_deepspeed_zero3_enabled():
+        register_moe_leaf_modules(model)
 
 
 class CuMoSFTTrainer(SFTTrainer):
