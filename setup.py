@@ -33,15 +33,17 @@ setup(
             "cumo-convert = hub_upload.convert_original:main",
             "cumo-init = trainer.init_model:main",
             "cumo-train = trainer.train:main",
+            "cumo-push = hub_upload.push:main",
         ]
     },
     include_package_data=True,
-    package_data={"trainer": ["recipes/*.yaml", "accelerate/*.yaml"]},
+    package_data={"trainer": ["recipes/*.yaml", "accelerate/*.yaml"], "space": ["README.md", "requirements.txt",
+                                                                                "examples/*.png"]},
     extras_require={
         "train": TRAIN,
         "space": SPACE,
         "flash": FLASH,
-        "test": TEST + TRAIN,
+        "test": TEST + TRAIN + SPACE + ["playwright>=1.40"],
         "all": TRAIN + SPACE + TEST,
     },
 )

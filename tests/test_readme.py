@@ -53,3 +53,41 @@ def test_accelerate_configs_are_valid(name):
     if name.startswith("zero3"):
         assert "CuMoSparseMLP" in config.deepspeed_config["deepspeed_moe_layer_cls_names"]
     assert config.num_processes > 1
+
+
+def test_the_app_command_serves_the_readme_client_example(tmp_path):
+    import socket
+    import time
+
+    run(["bash", "-ec", blocks("Quick start", "bash")[0]], tmp_path)  # writes cumo-random
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = blocks("Chat in a Gradio app, locally or as a Space", "bash")[0].split("#")[0].split()
+    assert command[:3] == ["python", "-m", "space.app"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    server = subprocess.Popen([sys.executable, *command[1:], "--port", str(port)], cwd=tmp_path, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(120):
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert server.poll() is None, server.stderr.read()[-3000:]
+            time.sleep(0.5)
+        example = blocks("Chat in a Gradio app, locally or as a Space", "python")[0]
+        example = example.replace("http://127.0.0.1:7860/", f"http://127.0.0.1:{port}/")
+        example = example.replace('"space/examples/shapes.png"', repr(str(ROOT / "space/examples/shapes.png")))
+        result = run([sys.executable, "-c", example + "\nprint(answer)"], tmp_path)
+        assert result.stdout.strip() and "⚠️" not in result.stdout
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_publish_dry_run_from_the_readme(tmp_path):
+    run(["bash", "-ec", blocks("Quick start", "bash")[0]], tmp_path)
+    dry_run = blocks("Publish a model and its Space", "bash")[0].splitlines()[0].split("#")[0]
+    assert "--dry-run" in dry_run
+    output = run(["bash", "-ec", dry_run], tmp_path).stdout
+    assert "Dry run: nothing uploaded." in output and (tmp_path / "staged" / "space" / "app.py").is_file()
