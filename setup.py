@@ -34,6 +34,7 @@ setup(
             "cumo-init = trainer.init_model:main",
             "cumo-train = trainer.train:main",
             "cumo-push = hub_upload.push:main",
+            "cumo-demo = trainer.demo.__main__:main",
         ]
     },
     include_package_data=True,

@@ -12,7 +12,8 @@ from modeling_cumo import CuMoConfig, CuMoForConditionalGeneration, CuMoProcesso
 from modeling_cumo.processing_cumo import make_image_processor
 
 
-SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+# eos is not id 2: CLIP's text tower reads id 2 as "pool at the highest id" (a legacy rule)
+SPECIAL_TOKENS = ["<unk>", "<pad>", "<s>", "</s>", "<image>"]
 CORPUS = [
     "A chat between a curious user and an artificial intelligence assistant.",
     "What is in this picture? What colour is the square? How many shapes are there?",
@@ -20,15 +21,15 @@ CORPUS = [
 ]
 
 
-def make_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on a few sentences, with `<image>` as a special token."""
+def make_tokenizer(vocab_size: int = 320, corpus: list[str] = CORPUS) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on `corpus` (by default a few sentences), `<image>` a special token."""
     backend = Tokenizer(models.BPE(unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    backend.train_from_iterator(CORPUS, trainer)
+    backend.train_from_iterator(corpus, trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
         extra_special_tokens={"image_token": "<image>"}, padding_side="left",

@@ -28,7 +28,7 @@ except ImportError:
         return fn
 
 
-DEMO_MODEL = Path(os.environ.get("CUMO_DEMO_DIR", Path.home() / ".cache" / "cumo-hf" / "demo")) / "model"
+DEMO_DIR = Path(os.environ.get("CUMO_DEMO_DIR", "demo"))  # where `cumo-demo --output demo` writes
 EXAMPLE_IMAGE = Path(__file__).parent / "examples" / "shapes.png"
 
 
@@ -233,17 +233,17 @@ def build_app(engine: ChatEngine, concurrency_limit: int = 2, max_queue: int = 3
 
 
 def default_model() -> str:
-    """The project's demo model; built here when it is missing and this runs inside the project."""
-    if (DEMO_MODEL / "config.json").is_file():
-        return str(DEMO_MODEL)
+    """The project's demo model (`cumo-demo --output demo`); a reduced one is built first when it is missing."""
+    if (DEMO_DIR / "model" / "config.json").is_file():
+        return str(DEMO_DIR / "model")
     try:
-        from hub_upload.random_checkpoint import build
+        from trainer.demo.__main__ import QUICK, build_demo
     except ImportError:
         raise SystemExit("No model given: pass --model PATH_OR_ID or set CUMO_MODEL.") from None
-    print(f"No model given and no demo model at {DEMO_MODEL}: writing a random-weight CuMo there so that the app "
-          "runs (its answers are noise). Pass --model PATH_OR_ID or set CUMO_MODEL to serve a real one.")
-    build(DEMO_MODEL)
-    return str(DEMO_MODEL)
+    print(f"No model given and no demo model in {DEMO_DIR}/model: building a reduced one now (a few minutes). "
+          f"For the full demo run `cumo-demo --output {DEMO_DIR}`; to serve another model pass --model PATH_OR_ID.")
+    build_demo(DEMO_DIR, QUICK)
+    return str(DEMO_DIR / "model")
 
 
 def main(argv=None):

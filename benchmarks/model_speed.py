@@ -1,0 +1,170 @@
+"""CuMo against its peers, side by side in one run: the vision path, prefill and decode, one training step, batched
+chat generation, and (on CUDA) peak memory.
+
+    python benchmarks/model_speed.py --config tiny                      # CPU, seconds
+    python benchmarks/model_speed.py --config mid                       # CPU, CLIP 512-wide 8 layers 224px
+    python benchmarks/model_speed.py --config real --device cuda --dtype bfloat16   # CLIP-L/336 + Mistral-7B
+
+Peers: the same CuMo before upcycling (dense), transformers' LlavaForConditionalGeneration with the same LLM and the
+same number of image tokens, and the bare LLM decoding a sequence of the same length. Prints a table, writes JSON.
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from datetime import date
+
+import torch
+from transformers import LlavaConfig, LlavaForConditionalGeneration, MistralConfig, MistralForCausalLM
+
+from modeling_cumo import CuMoConfig, CuMoForConditionalGeneration
+
+
+CONFIGS = {
+    "tiny": dict(vision=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                             image_size=56, patch_size=14),
+                 text=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=1000)),
+    "mid": dict(vision=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8,
+                            image_size=224, patch_size=14),
+                text=dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+                          num_key_value_heads=4, vocab_size=32000)),
+    "real": dict(vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                             image_size=336, patch_size=14),
+                 text=dict()),  # Mistral-7B defaults
+}
+
+
+def timed(fn, repeats, device):
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def build(config_name, device, dtype):
+    spec = CONFIGS[config_name]
+    torch.manual_seed(0)
+    image_token = 32000 if config_name != "tiny" else 999
+    common = dict(vision_config=spec["vision"], text_config=dict(model_type="mistral", **spec["text"]), scales=[1, 3],
+                  image_token_id=image_token)
+    dense = CuMoForConditionalGeneration(CuMoConfig(vision_num_experts=0, projector_num_experts=0, **common))
+    moe = CuMoForConditionalGeneration(CuMoConfig(vision_num_experts=0, projector_num_experts=0, **common))
+    moe.load_state_dict(dense.state_dict())
+    moe.upcycle(4, 2)
+    llava_config = LlavaConfig(vision_config=spec["vision"], text_config=dict(model_type="mistral", **spec["text"]),
+                               image_token_id=image_token)
+    llava = LlavaForConditionalGeneration(llava_config)
+    llm = MistralForCausalLM(MistralConfig(**spec["text"]))
+    models = {"cumo_moe": moe, "cumo_dense": dense, "llava": llava, "llm": llm}
+    return {name: m.to(device, dtype).eval() for name, m in models.items()}, image_token
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", choices=list(CONFIGS), default="tiny")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--images", type=int, default=2, help="images in the vision-path and training batches")
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per request")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--output", default=None, help="JSON path (default: benchmarks/model_speed_CONFIG.json)")
+    args = parser.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    models, image_token = build(args.config, args.device, dtype)
+    moe, dense, llava, llm = (models[k] for k in ("cumo_moe", "cumo_dense", "llava", "llm"))
+    size = moe.config.vision_config.image_size
+    patches = (size // moe.config.vision_config.patch_size) ** 2
+    pixels = torch.randn(args.images, 3, size, size, device=args.device, dtype=dtype)
+    results = {}
+
+    # 1. vision path (S2 tower + projector), both stopping at the feature layer
+    with torch.no_grad():
+        for implementation in ("eager", "grouped_mm"):
+            moe.set_experts_implementation(implementation)
+            results[f"vision_moe_{implementation}_s"] = timed(lambda: moe.get_image_features(pixels), args.repeats, args.device)
+        results["vision_dense_s"] = timed(lambda: dense.get_image_features(pixels), args.repeats, args.device)
+    best = min(("eager", "grouped_mm"), key=lambda i: results[f"vision_moe_{i}_s"])
+    moe.set_experts_implementation(best)
+    results["vision_best_moe_implementation"] = best
+    results["vision_moe_over_dense"] = results[f"vision_moe_{best}_s"] / results["vision_dense_s"]
+
+    # 2. prefill (time to first token) and decode, one request with one image
+    text = torch.randint(3, 900, (1, 24), device=args.device)
+    image_ids = torch.full((1, patches), image_token, device=args.device)
+    prompt = torch.cat([text[:, :4], image_ids, text[:, 4:]], dim=1)
+    one = pixels[:1]
+
+    def generate(model, new_tokens, **inputs):
+        return model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                              pad_token_id=0)
+
+    with torch.no_grad():
+        for name, model, inputs in (("cumo_moe", moe, dict(input_ids=prompt, pixel_values=one)),
+                                    ("cumo_dense", dense, dict(input_ids=prompt, pixel_values=one)),
+                                    ("llava", llava, dict(input_ids=prompt, pixel_values=one)),
+                                    ("llm", llm, dict(input_ids=torch.randint(3, 900, prompt.shape, device=args.device)))):
+            first = timed(lambda: generate(model, 1, **inputs), args.repeats, args.device)
+            full = timed(lambda: generate(model, args.new_tokens, **inputs), args.repeats, args.device)
+            results[f"prefill_{name}_s"] = first
+            results[f"decode_{name}_tokens_per_s"] = (args.new_tokens - 1) / max(full - first, 1e-9)
+    results["decode_cumo_over_llm"] = results["decode_cumo_moe_tokens_per_s"] / results["decode_llm_tokens_per_s"]
+
+    # 3. one training step (forward + backward) of the vit stage against the dense model
+    batch = torch.cat([prompt] * args.images)
+    for name, model in (("moe", moe), ("dense", dense)):
+        model.train()
+
+        def step():
+            model.zero_grad(set_to_none=True)
+            model(input_ids=batch, pixel_values=pixels, labels=batch).loss.backward()
+
+        results[f"train_step_{name}_s"] = timed(step, args.repeats, args.device)
+        model.eval()
+    results["train_moe_over_dense"] = results["train_step_moe_s"] / results["train_step_dense_s"]
+
+    # 4. eight chat requests, batched against one by one
+    requests = [torch.cat([torch.randint(3, 900, (1, 4 + i), device=args.device), image_ids, text[:, 4:]], 1)
+                for i in range(8)]
+    width = max(r.shape[1] for r in requests)
+    padded = torch.zeros(8, width, dtype=torch.long, device=args.device)
+    mask = torch.zeros_like(padded)
+    for i, r in enumerate(requests):  # left padding
+        padded[i, width - r.shape[1]:], mask[i, width - r.shape[1]:] = r[0], 1
+    eight = pixels[:1].expand(8, -1, -1, -1).contiguous()
+    with torch.no_grad():
+        one_by_one = timed(lambda: [generate(moe, args.new_tokens, input_ids=r, pixel_values=one) for r in requests],
+                           1, args.device)
+        batched = timed(lambda: generate(moe, args.new_tokens, input_ids=padded, attention_mask=mask,
+                                         pixel_values=eight), 1, args.device)
+    results["chat8_one_by_one_s"], results["chat8_batched_s"] = one_by_one, batched
+    results["chat8_batched_speedup"] = one_by_one / batched
+
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        with torch.no_grad():
+            moe.get_image_features(pixels)
+        results["peak_memory_vision_moe_gb"] = torch.cuda.max_memory_allocated() / 1e9
+
+    print(f"config {args.config}, {args.device}, {args.dtype}, {torch.get_num_threads()} threads, "
+          f"{args.images} images x {patches} patches, S2 [1, 3], top-2-of-4 MoE")
+    for key, value in results.items():
+        print(f"  {key:<36} {value:.4g}" if isinstance(value, float) else f"  {key:<36} {value}")
+    output = args.output or f"benchmarks/model_speed_{args.config}.json"
+    with open(output, "w") as f:
+        json.dump({"args": vars(args), "date": str(date.today()), "machine": platform.processor() or platform.machine(),
+                   "torch": torch.__version__, "results": results}, f, indent=2)
+    print(f"wrote {output}")
+
+
+if __name__ == "__main__":
+    main()

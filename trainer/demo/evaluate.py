@@ -1,0 +1,92 @@
+"""Held-out evaluation of a demo model: exact-match VQA accuracy per question type, and expert load per MoE layer
+(each expert's share of the top-k routing slots, as the paper's Figure 4 plots it)."""
+
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+
+def normalise(text: str) -> str:
+    return re.sub(r"[^a-z0-9 ]", "", text.lower()).strip()
+
+
+@torch.no_grad()
+def vqa_accuracy(model, processor, rows: list[dict], folder: Path, batch_size: int = 32) -> dict:
+    processor.tokenizer.padding_side = "left"
+    correct, total = defaultdict(int), defaultdict(int)
+    for start in tqdm(range(0, len(rows), batch_size), desc="Evaluating VQA"):
+        batch = rows[start : start + batch_size]
+        prompts = [processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": row["question"]}]}],
+            add_generation_prompt=True) for row in batch]
+        images = [Image.open(folder / row["image"]) for row in batch]
+        inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt")
+        output = model.generate(**inputs, max_new_tokens=8, do_sample=False,
+                                pad_token_id=processor.tokenizer.pad_token_id)
+        answers = processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        for row, answer in zip(batch, answers):
+            total[row["type"]] += 1
+            correct[row["type"]] += normalise(answer) == normalise(row["answer"])
+    per_type = {kind: correct[kind] / total[kind] for kind in sorted(total)}
+    return {"vqa_accuracy": sum(correct.values()) / sum(total.values()), "accuracy_per_type": per_type,
+            "vqa_questions": sum(total.values())}
+
+
+def layer_label(name: str) -> str:
+    if "vision_tower" in name:
+        return f"vision layer {int(name.split('layers.')[1].split('.')[0])}"
+    return "projector" if "multi_modal_projector" in name else name
+
+
+@torch.no_grad()
+def expert_load(model, processor, images: list[Path], batch_size: int = 32) -> dict[str, list[float]]:
+    """Share of the top-k slots each expert receives, per MoE layer, over `images` (all S2 crops, CLS included,
+    and every CLIP layer, as in training)."""
+    counts, hooks = {}, []
+    for name, module in model.named_modules():
+        if type(module).__name__ == "CuMoTopKRouter":
+            counts[layer_label(name)] = torch.zeros(module.num_experts, dtype=torch.long)
+
+            def hook(module, args, output, label=layer_label(name)):
+                counts[label] += torch.bincount(output[2].reshape(-1), minlength=module.num_experts)
+
+            hooks.append(module.register_forward_hook(hook))
+    try:
+        for start in range(0, len(images), batch_size):
+            pixels = processor.image_processor([Image.open(p) for p in images[start : start + batch_size]],
+                                               return_tensors="pt")["pixel_values"]
+            model.get_image_features(pixels, compute_router_losses=True)
+    finally:
+        for handle in hooks:
+            handle.remove()
+    return {label: (c / c.sum()).tolist() for label, c in counts.items()}
+
+
+def plot_expert_load(load: dict[str, list[float]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = list(load)
+    fig, axes = plt.subplots(1, len(layers), figsize=(2.2 * len(layers), 2.8), sharey=True, squeeze=False)
+    for axis, layer in zip(axes[0], layers):
+        shares = load[layer]
+        axis.bar(range(len(shares)), shares, color=plt.cm.tab10.colors[: len(shares)])
+        axis.axhline(1 / len(shares), color="grey", linestyle="--", linewidth=0.8)
+        axis.set_title(layer, fontsize=9)
+        axis.set_xticks(range(len(shares)), [f"E{i}" for i in range(len(shares))], fontsize=8)
+    axes[0][0].set_ylabel("share of top-k slots")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_metrics(path: Path, metrics: dict) -> None:
+    path.write_text(json.dumps(metrics, indent=2) + "\n")

@@ -1,0 +1,88 @@
+"""Stand-ins for the pretrained parts that cannot be downloaded here, trained on the demo world and saved as
+ordinary transformers checkpoints: a small CLIP (contrastive image-text training) and a small Mistral (language
+modelling on the world's text, in the chat format)."""
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+from transformers import CLIPConfig, CLIPModel, MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
+
+from hub_upload.random_checkpoint import make_tokenizer
+from modeling_cumo.processing_cumo import CHAT_TEMPLATE, make_image_processor
+
+
+def train_tokenizer(texts: list[str], folder: Path) -> PreTrainedTokenizerFast:
+    templates = [CHAT_TEMPLATE, "<<SYS>> <</SYS>> [INST] [/INST]"]
+    tokenizer = make_tokenizer(vocab_size=600, corpus=texts + templates)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def _batches(count: int, batch_size: int, steps: int, generator: torch.Generator):
+    for _ in range(steps):
+        yield torch.randint(0, count, (batch_size,), generator=generator)
+
+
+def train_clip(images: list[Path], captions: list[str], tokenizer, folder: Path, image_size: int, patch_size: int,
+               steps: int, batch_size: int = 64, lr: float = 1e-3, seed: int = 0) -> CLIPModel:
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                           image_size=image_size, patch_size=patch_size),
+        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         vocab_size=len(tokenizer), max_position_embeddings=64, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id),
+        projection_dim=64,
+    )
+    model = CLIPModel(config)
+    pixels = make_image_processor(image_size)([Image.open(p) for p in images], return_tensors="pt")["pixel_values"]
+    text = tokenizer([c + tokenizer.eos_token for c in captions], padding=True, return_tensors="pt")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    progress = tqdm(_batches(len(images), batch_size, steps, generator), total=steps, desc="CLIP stand-in")
+    for index in progress:
+        loss = model(input_ids=text["input_ids"][index], attention_mask=text["attention_mask"][index],
+                     pixel_values=pixels[index], return_loss=True).loss
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        progress.set_postfix(loss=f"{loss.item():.3f}")
+    model.save_pretrained(folder)
+    make_image_processor(image_size).save_pretrained(folder)
+    return model
+
+
+def train_llm(texts: list[str], tokenizer, folder: Path, steps: int, batch_size: int = 32, lr: float = 2e-3,
+              seed: int = 0) -> MistralForCausalLM:
+    torch.manual_seed(seed)
+    config = MistralConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=512,
+                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                           pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    model = MistralForCausalLM(config)
+    encoded = tokenizer(texts, padding=True, truncation=True, max_length=256, return_tensors="pt",
+                        add_special_tokens=False)
+    labels = encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    progress = tqdm(_batches(len(texts), batch_size, steps, generator), total=steps, desc="LLM stand-in")
+    for index in progress:
+        width = int(encoded["attention_mask"][index].sum(1).max())
+        loss = model(input_ids=encoded["input_ids"][index, :width], attention_mask=encoded["attention_mask"][index, :width],
+                     labels=labels[index, :width]).loss
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        progress.set_postfix(loss=f"{loss.item():.3f}")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model

@@ -1,0 +1,122 @@
+"""The demo world: seeded images of a few coloured shapes, with captions (stages 1-2) and questions (stage 3).
+
+Every image has 1-3 shapes, each in its own quadrant, with distinct (colour, shape) pairs, so that every question
+has exactly one right answer. Question types: colour, shape, count, position, existence (yes/no), description.
+"""
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 230), "yellow": (235, 215, 40),
+           "purple": (150, 60, 200)}
+SHAPES = ("circle", "square", "triangle")
+QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
+BACKGROUNDS = {"white": (245, 245, 245), "grey": (150, 150, 150), "black": (25, 25, 25)}
+NUMBERS = ("zero", "one", "two", "three")
+VQA_TYPES = ("colour", "shape", "count", "position", "exists")
+
+
+@dataclass(frozen=True)
+class Shape:
+    colour: str
+    shape: str
+    large: bool
+    quadrant: int
+
+    def words(self) -> str:
+        return f"{'large' if self.large else 'small'} {self.colour} {self.shape}"
+
+
+def sample_scene(rng: random.Random) -> tuple[str, list[Shape]]:
+    count = rng.randint(1, 3)
+    pairs = rng.sample([(c, s) for c in COLOURS for s in SHAPES], count)
+    quadrants = rng.sample(range(4), count)
+    shapes = [Shape(c, s, rng.random() < 0.5, q) for (c, s), q in zip(pairs, quadrants)]
+    return rng.choice(list(BACKGROUNDS)), sorted(shapes, key=lambda shape: shape.quadrant)
+
+
+def draw(background: str, shapes: list[Shape], size: int, rng: random.Random) -> Image.Image:
+    image = Image.new("RGB", (size, size), BACKGROUNDS[background])
+    pen = ImageDraw.Draw(image)
+    half = size // 2
+    for shape in shapes:
+        radius = size * (0.21 if shape.large else 0.13)
+        cx = (shape.quadrant % 2) * half + half / 2 + rng.uniform(-1, 1) * (half / 2 - radius - 1)
+        cy = (shape.quadrant // 2) * half + half / 2 + rng.uniform(-1, 1) * (half / 2 - radius - 1)
+        box = (cx - radius, cy - radius, cx + radius, cy + radius)
+        colour = COLOURS[shape.colour]
+        if shape.shape == "circle":
+            pen.ellipse(box, fill=colour)
+        elif shape.shape == "square":
+            pen.rectangle(box, fill=colour)
+        else:
+            pen.polygon([(cx, cy - radius), (cx - radius, cy + radius), (cx + radius, cy + radius)], fill=colour)
+    return image
+
+
+def caption(shapes: list[Shape]) -> str:
+    parts = [f"a {s.words()} in the {QUADRANTS[s.quadrant]}" for s in shapes]
+    text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return text[0].upper() + text[1:] + "."
+
+
+def questions(shapes: list[Shape], rng: random.Random) -> list[tuple[str, str, str]]:
+    """(type, question, answer) for every question type that has one right answer on this image."""
+    present = {(s.colour, s.shape) for s in shapes}
+    out = []
+    target = rng.choice(shapes)
+    if sum(s.shape == target.shape for s in shapes) == 1:
+        out.append(("colour", f"What colour is the {target.shape}?", target.colour.capitalize() + "."))
+    if sum(s.colour == target.colour for s in shapes) == 1:
+        out.append(("shape", f"What shape is the {target.colour} object?", target.shape.capitalize() + "."))
+    out.append(("count", "How many shapes are there?", NUMBERS[len(shapes)].capitalize() + "."))
+    out.append(("position", f"Where is the {target.colour} {target.shape}?", QUADRANTS[target.quadrant].capitalize() + "."))
+    if rng.random() < 0.5:
+        colour, shape = target.colour, target.shape
+    else:
+        colour, shape = rng.choice([(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present])
+    out.append(("exists", f"Is there a {colour} {shape}?", "Yes." if (colour, shape) in present else "No."))
+    out.append(("describe", "Describe the image.", caption(shapes)))
+    return out
+
+
+def write_split(folder: Path, name: str, samples: int, image_size: int, seed: int) -> dict:
+    """Images plus `name`_captions.json, `name`_instructions.json (LLaVA format) and `name`_vqa.json (one question
+    per line for evaluation)."""
+    rng = random.Random(seed)
+    (folder / name).mkdir(parents=True, exist_ok=True)
+    captions, instructions, vqa = [], [], []
+    for i in range(samples):
+        background, shapes = sample_scene(rng)
+        path = f"{name}/{i:05d}.png"
+        draw(background, shapes, image_size, rng).save(folder / path)
+        captions.append({"id": f"{name}-cap-{i}", "image": path, "conversations": [
+            {"from": "human", "value": "<image>\nDescribe the image briefly."},
+            {"from": "gpt", "value": caption(shapes)}]})
+        qa = questions(shapes, rng)
+        rng.shuffle(qa)
+        turns = []
+        for j, (_, question, answer) in enumerate(qa):
+            turns += [{"from": "human", "value": ("<image>\n" if j == 0 else "") + question}, {"from": "gpt", "value": answer}]
+        instructions.append({"id": f"{name}-qa-{i}", "image": path, "conversations": turns})
+        for kind, question, answer in qa:
+            if kind in VQA_TYPES:
+                vqa.append({"id": f"{name}-vqa-{i}-{kind}", "image": path, "type": kind, "question": question,
+                            "answer": answer})
+    for suffix, rows in (("captions", captions), ("instructions", instructions), ("vqa", vqa)):
+        (folder / f"{name}_{suffix}.json").write_text(json.dumps(rows))
+    return {"images": samples, "vqa_questions": len(vqa)}
+
+
+def corpus(folder: Path, name: str) -> list[str]:
+    """All sentences of a split, for the tokenizer and the language model's pre-training."""
+    texts = []
+    for suffix in ("captions", "instructions"):
+        for row in json.loads((folder / f"{name}_{suffix}.json").read_text()):
+            texts += [turn["value"].replace("<image>\n", "") for turn in row["conversations"]]
+    return texts
