@@ -54,7 +54,8 @@ def timed(fn, repeats, device):
 def build(config_name, device, dtype):
     spec = CONFIGS[config_name]
     torch.manual_seed(0)
-    image_token = 32000 if config_name != "tiny" else 999
+    # an id inside the vocabulary: LLaVA embeds its image token before replacing it
+    image_token = spec["text"].get("vocab_size", 32000) - 1
     common = dict(vision_config=spec["vision"], text_config=dict(model_type="mistral", **spec["text"]), scales=[1, 3],
                   image_token_id=image_token)
     dense = CuMoForConditionalGeneration(CuMoConfig(vision_num_experts=0, projector_num_experts=0, **common))
