@@ -12,12 +12,12 @@ same number of image tokens, and the bare LLM decoding a sequence of the same le
 import argparse
 import json
 import platform
-import statistics
-import time
 from datetime import date
 
 import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration, MistralConfig, MistralForCausalLM
+
+from timing import timed
 
 from modeling_cumo import CuMoConfig, CuMoForConditionalGeneration
 
@@ -35,20 +35,6 @@ CONFIGS = {
                              image_size=336, patch_size=14),
                  text=dict()),  # Mistral-7B defaults
 }
-
-
-def timed(fn, repeats, device):
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def build(config_name, device, dtype):

@@ -7,8 +7,6 @@ Top-2 does twice the dense FLOPs, so 2x the dense time is the floor. Prints a ta
 import argparse
 import json
 import platform
-import statistics
-import time
 from datetime import date
 
 import torch
@@ -16,25 +14,10 @@ from transformers import CLIPVisionConfig
 from transformers.models.clip.modeling_clip import CLIPMLP
 
 from modeling_cumo.moe_cumo import CuMoSparseMLP
+from timing import timed
 
 
 IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
-
-
-def timed(fn, repeats: int, device: str) -> float:
-    """Median seconds of `repeats` calls after two warm-up calls."""
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def measure(block, hidden: torch.Tensor, repeats: int, device: str) -> dict:
@@ -46,7 +29,7 @@ def measure(block, hidden: torch.Tensor, repeats: int, device: str) -> dict:
         block.zero_grad(set_to_none=True)
         block(hidden.requires_grad_()).square().mean().backward()
 
-    return {"forward_s": timed(forward, repeats, device), "forward_backward_s": timed(forward_backward, repeats, device)}
+    return {"forward_s": timed(forward, repeats, device, warmup=2), "forward_backward_s": timed(forward_backward, repeats, device, warmup=2)}
 
 
 def main(argv=None):

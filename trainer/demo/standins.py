@@ -21,9 +21,20 @@ def train_tokenizer(texts: list[str], folder: Path) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def _batches(count: int, batch_size: int, steps: int, generator: torch.Generator):
-    for _ in range(steps):
-        yield torch.randint(0, count, (batch_size,), generator=generator)
+def _fit(model, loss_of, count: int, steps: int, batch_size: int, lr: float, seed: int, desc: str) -> None:
+    """AdamW with a one-cycle schedule over `steps` random batches; `loss_of(indices)` gives a batch's loss."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    progress = tqdm(range(steps), desc=desc)
+    for _ in progress:
+        loss = loss_of(torch.randint(0, count, (batch_size,), generator=generator))
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        progress.set_postfix(loss=f"{loss.item():.3f}")
 
 
 def train_clip(images: list[Path], captions: list[str], tokenizer, folder: Path, image_size: int, patch_size: int,
@@ -40,19 +51,12 @@ def train_clip(images: list[Path], captions: list[str], tokenizer, folder: Path,
     model = CLIPModel(config)
     pixels = make_image_processor(image_size)([Image.open(p) for p in images], return_tensors="pt")["pixel_values"]
     text = tokenizer([c + tokenizer.eos_token for c in captions], padding=True, return_tensors="pt")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
-    generator = torch.Generator().manual_seed(seed)
-    model.train()
-    progress = tqdm(_batches(len(images), batch_size, steps, generator), total=steps, desc="CLIP stand-in")
-    for index in progress:
-        loss = model(input_ids=text["input_ids"][index], attention_mask=text["attention_mask"][index],
+
+    def loss_of(index):
+        return model(input_ids=text["input_ids"][index], attention_mask=text["attention_mask"][index],
                      pixel_values=pixels[index], return_loss=True).loss
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
-        progress.set_postfix(loss=f"{loss.item():.3f}")
+
+    _fit(model, loss_of, len(images), steps, batch_size, lr, seed, "CLIP stand-in")
     model.save_pretrained(folder)
     make_image_processor(image_size).save_pretrained(folder)
     return model
@@ -69,20 +73,13 @@ def train_llm(texts: list[str], tokenizer, folder: Path, steps: int, batch_size:
     encoded = tokenizer(texts, padding=True, truncation=True, max_length=256, return_tensors="pt",
                         add_special_tokens=False)
     labels = encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
-    generator = torch.Generator().manual_seed(seed)
-    model.train()
-    progress = tqdm(_batches(len(texts), batch_size, steps, generator), total=steps, desc="LLM stand-in")
-    for index in progress:
+
+    def loss_of(index):
         width = int(encoded["attention_mask"][index].sum(1).max())
-        loss = model(input_ids=encoded["input_ids"][index, :width], attention_mask=encoded["attention_mask"][index, :width],
-                     labels=labels[index, :width]).loss
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
-        progress.set_postfix(loss=f"{loss.item():.3f}")
+        return model(input_ids=encoded["input_ids"][index, :width],
+                     attention_mask=encoded["attention_mask"][index, :width], labels=labels[index, :width]).loss
+
+    _fit(model, loss_of, len(texts), steps, batch_size, lr, seed, "LLM stand-in")
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return model
