@@ -26,9 +26,9 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import CONFIG_MAPPING, AutoTokenizer, CLIPVisionConfig, GenerationConfig
 
-import modeling_cumo
 from modeling_cumo import CuMoConfig, CuMoProcessor
-from modeling_cumo.processing_cumo import make_image_processor
+
+from .folders import copy_remote_code, image_processor_for
 
 
 TEXT_MODEL_TYPES = {"llava_mistral": "mistral", "llava_mixtral": "mixtral"}
@@ -44,7 +44,6 @@ WRAPPER_FIELDS = {
 # The standard CLIP ViT-L/14-336 (`openai/clip-vit-large-patch14-336`), used when no tower config can be found.
 CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                   image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu", layer_norm_eps=1e-5)
-REMOTE_CODE_FILES = ("configuration_cumo.py", "modeling_cumo.py", "moe_cumo.py", "vision_cumo.py", "processing_cumo.py")
 
 _CLIP_EXPERT = re.compile(r"^model\.vision_tower\.vision_model\.(encoder\.layers\.\d+)\.experts\.(\d+)\.(fc1|fc2)\.(weight|bias)$")
 _CLIP_ROUTER = re.compile(r"^model\.vision_tower\.vision_model\.(encoder\.layers\.\d+)\.gate\.weight$")
@@ -117,16 +116,6 @@ def load_vision_config(folder: Path | None, name: str) -> CLIPVisionConfig:
     elif data.get("model_type") not in (None, "clip_vision_model"):
         raise ConversionError(f"{folder}/config.json is a {data.get('model_type')!r} config, not a CLIP one.")
     return CLIPVisionConfig.from_dict({k: v for k, v in data.items() if k not in ("model_type", "transformers_version")})
-
-
-def image_processor_for(folder: Path | None, image_size: int):
-    processor = make_image_processor(image_size)
-    config_file = folder / "preprocessor_config.json" if folder is not None else None
-    if config_file is not None and config_file.is_file():
-        data = json.loads(config_file.read_text())
-        processor.image_mean = data.get("image_mean", processor.image_mean)
-        processor.image_std = data.get("image_std", processor.image_std)
-    return processor
 
 
 def weight_files(input_dir: Path, allow_pickle: bool) -> list[Path]:
@@ -298,9 +287,7 @@ def convert(input_dir: Path, output_dir: Path, vision_tower: Path | None = None,
         if generation.pad_token_id is None:
             generation.pad_token_id = tokenizer.pad_token_id
         generation.save_pretrained(staging)
-        package = Path(modeling_cumo.__file__).parent
-        for name in REMOTE_CODE_FILES:
-            shutil.copyfile(package / name, staging / name)
+        copy_remote_code(staging)
         saved = json.loads((staging / "config.json").read_text())
         saved["auto_map"] = {
             "AutoConfig": "configuration_cumo.CuMoConfig",

@@ -18,11 +18,10 @@ from pathlib import Path
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
-import modeling_cumo
+from .folders import copy_remote_code
 
 
 PROJECT = Path(__file__).resolve().parent.parent
-REMOTE_CODE = ("configuration_cumo.py", "modeling_cumo.py", "moe_cumo.py", "vision_cumo.py", "processing_cumo.py")
 MODEL_FILES = ("config.json", "generation_config.json", "processor_config.json", "preprocessor_config.json",
                "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                "added_tokens.json", "chat_template.jinja", "model.safetensors", "model.safetensors.index.json")
@@ -102,9 +101,7 @@ def stage_model(model_dir: Path, stage_dir: Path, repo_id: str, license: str, ba
             shutil.copy2(model_dir / name, stage_dir / name)
     if not list(stage_dir.glob("*.safetensors")):
         raise SystemExit(f"{model_dir} holds no safetensors weights.")
-    package = Path(modeling_cumo.__file__).parent
-    for name in REMOTE_CODE:
-        shutil.copy2(package / name, stage_dir / name)
+    copy_remote_code(stage_dir)
     model_card(model_dir, repo_id, license, base_model).save(stage_dir / "README.md")
     return stage_dir
 

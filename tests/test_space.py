@@ -1,7 +1,6 @@
 """The Gradio app: answers through its API, survives bad input, serves concurrent users, works in a browser."""
 
 import io
-import os
 import shutil
 import socket
 import struct

@@ -6,15 +6,13 @@ the CuMo chat template, the processor and the remote code.
 """
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel, GenerationConfig
-from transformers.utils import cached_file
 
 from modeling_cumo import CuMoConfig, CuMoForConditionalGeneration, CuMoProcessor
-from modeling_cumo.processing_cumo import make_image_processor
+from hub_upload.folders import image_processor_for
 
 
 def clip_vision_config(vision_tower: str):
@@ -23,16 +21,6 @@ def clip_vision_config(vision_tower: str):
     if config.model_type != "clip_vision_model":
         raise ValueError(f"{vision_tower} is a {config.model_type!r} model; CuMo's vision tower is CLIP.")
     return config
-
-
-def image_processor_for(vision_tower: str, image_size: int):
-    processor = make_image_processor(image_size)
-    path = cached_file(vision_tower, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False)
-    if path is not None:
-        settings = json.loads(Path(path).read_text())
-        processor.image_mean = settings.get("image_mean", processor.image_mean)
-        processor.image_std = settings.get("image_std", processor.image_std)
-    return processor
 
 
 def build(vision_tower: str, llm: str, scales=(1, 3), dtype: str = "float32", image_token: str = "<image>"):
