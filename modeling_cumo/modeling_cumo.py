@@ -149,6 +149,17 @@ class CuMoPreTrainedModel(PreTrainedModel):
     def _can_set_experts_implementation(cls) -> bool:
         return True  # the vision tower's MoE MLPs (and a Mixtral LM's) use transformers' experts interface
 
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        if requested_experts in (None, "auto"):
+            return "auto"  # CuMo's per-device default (see `per_device_experts_kernel`)
+        return super().get_correct_experts_implementation(requested_experts)
+
+    def set_experts_implementation(self, experts_implementation: str | dict):
+        """As transformers' method; "auto" (the default) applies to the CLIP experts only, a Mixtral LM keeps its own."""
+        if experts_implementation == "auto":
+            experts_implementation = {"": "auto", "vision_config": "auto"}
+        super().set_experts_implementation(experts_implementation)
+
     def _init_weights(self, module):
         super()._init_weights(module)
         init_moe_weights(module, self.config.text_config.initializer_range)
@@ -201,8 +212,9 @@ class CuMoModel(CuMoPreTrainedModel):
     ) -> CuMoImageFeaturesOutput:
         """S2 features of the vision tower (all crops of all scales in one tower call), then the projector.
 
-        The tower runs up to the feature layer only, unless the MoE losses are wanted: then, as in the original, all
-        layers run and the routers of the last layer (whose output is unused) count too.
+        The tower runs up to the feature layer only. When the MoE losses are wanted, the routers of the later layers
+        count too, as in the original: the layers between run, and the last one only routes (its experts' output
+        would be thrown away).
         """
         config = self.config
         vision_config = config.vision_config
@@ -217,13 +229,17 @@ class CuMoModel(CuMoPreTrainedModel):
         num_layers = vision_config.num_hidden_layers if vision_losses else num_feature_layers
 
         pixel_values = pixel_values.to(self.vision_tower.dtype)
+        route_only_last = num_layers != num_feature_layers
+        # the tower's last_hidden_state is the feature layer's output unless layers run beyond the one routed only
+        features_inside = route_only_last and num_layers - 1 != num_feature_layers
         tower = self.vision_tower(
             s2_crops(pixel_values, config.scales),
             num_layers=num_layers,
-            output_hidden_states=num_layers != num_feature_layers,
+            route_only_last=route_only_last,
+            output_hidden_states=features_inside,
             output_router_logits=vision_losses,
         )
-        hidden = tower.hidden_states[num_feature_layers] if num_layers != num_feature_layers else tower.last_hidden_state
+        hidden = tower.hidden_states[num_feature_layers] if features_inside else tower.last_hidden_state
         vision_features = s2_merge(hidden[:, 1:], config.scales, num_images)  # CLS dropped
         projected, projector_logits = self.multi_modal_projector(vision_features)
 

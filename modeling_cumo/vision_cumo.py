@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPVisionConfig, CLIPVisionModel
 from transformers.modeling_outputs import BaseModelOutput
-from transformers.models.clip.modeling_clip import CLIPMLP, CLIPPreTrainedModel
+from transformers.models.clip.modeling_clip import CLIPMLP, CLIPEncoderLayer, CLIPPreTrainedModel
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .moe_cumo import CuMoTopKRouter, CuMoSparseMLP, co_upcycle_, init_moe_weights
@@ -50,6 +50,12 @@ class CuMoVisionModel(CLIPVisionModel):
     def _can_set_experts_implementation(cls) -> bool:
         return True  # the MoE MLPs dispatch through transformers' experts interface (CuMoVisionExperts)
 
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        """Unset or "auto" -> CuMo's per-device choice (`per_device_experts_kernel`); a named kernel is honoured."""
+        if requested_experts in (None, "auto"):
+            return "auto"
+        return super().get_correct_experts_implementation(requested_experts)
+
     def _init_weights(self, module):
         super()._init_weights(module)
         init_moe_weights(module, self.config.initializer_range)
@@ -69,12 +75,26 @@ class CuMoVisionModel(CLIPVisionModel):
                 layer.mlp = sparse
 
     @capture_outputs(tie_last_hidden_states=False)
-    def forward(self, pixel_values: torch.Tensor, num_layers: int | None = None, **kwargs) -> CuMoVisionOutput:
-        """`kwargs` are the `output_hidden_states` / `output_router_logits` switches read by `capture_outputs`."""
+    def forward(self, pixel_values: torch.Tensor, num_layers: int | None = None, route_only_last: bool = False,
+                **kwargs) -> CuMoVisionOutput:
+        """Runs the first `num_layers` layers. With `route_only_last`, the last of them only routes (its output is
+        not wanted, its routing is: bzloss counts every layer) and `last_hidden_state` is the input of that layer.
+        `kwargs` are the `output_hidden_states` / `output_router_logits` switches read by `capture_outputs`."""
         hidden_states = self.pre_layrnorm(self.embeddings(pixel_values))
-        for layer in self.encoder.layers[:num_layers]:
+        layers = self.encoder.layers[:num_layers]
+        for layer in layers[:-1] if route_only_last else layers:
             hidden_states = layer(hidden_states, None)
+        if route_only_last:
+            route_without_experts(layers[-1], hidden_states)
         return CuMoVisionOutput(last_hidden_state=hidden_states)
+
+
+def route_without_experts(layer: CLIPEncoderLayer, hidden_states: torch.Tensor) -> None:
+    """The part of a CLIP layer that its MoE router sees (attention block, then `layer_norm2`), then the router:
+    the layer's routing without the cost of its experts."""
+    attended, _ = layer.self_attn(hidden_states=layer.layer_norm1(hidden_states), attention_mask=None)
+    router_input = layer.layer_norm2(hidden_states + attended)
+    layer.mlp.gate(router_input.reshape(-1, router_input.shape[-1]))
 
 
 def s2_crops(pixel_values: torch.Tensor, scales: list[int]) -> torch.Tensor:

@@ -92,7 +92,8 @@ def test_experts_implementations_agree(training):
     model = tiny_model(vision_experts=4, projector_experts=4).train(training)
     pixel_values = random_pixels(2)
     results = {}
-    for implementation in ("eager", "grouped_mm", "batched_mm"):
+    assert model.model.vision_tower.config._experts_implementation == "auto"  # the default
+    for implementation in ("eager", "grouped_mm", "batched_mm", "auto"):
         model.set_experts_implementation(implementation)
         assert model.model.vision_tower.config._experts_implementation == implementation
         model.zero_grad()
@@ -107,6 +108,22 @@ def test_experts_implementations_agree(training):
         assert grads.keys() == reference_grads.keys()
         for name, grad in grads.items():
             assert (grad - reference_grads[name]).abs().max() <= 1e-5, (implementation, name)
+
+
+def test_auto_experts_kernel_is_chosen_per_device_and_mode(monkeypatch):
+    from modeling_cumo import moe_cumo
+
+    model = tiny_model(vision_experts=4).eval()
+    used, eager = [], moe_cumo.CuMoExperts.forward
+    monkeypatch.setattr(moe_cumo, "grouped_mm_experts_forward", lambda *args: used.append("grouped_mm") or eager(*args))
+    monkeypatch.setattr(moe_cumo.CuMoExperts, "forward", lambda *args: used.append("eager") or eager(*args))
+    with torch.no_grad():
+        model.get_image_features(random_pixels(1))
+    assert set(used) == {"eager"}  # CPU inference
+    used.clear()
+    model.get_image_features(random_pixels(1)).pooler_output.sum().backward()
+    assert set(used) == {"grouped_mm"}  # gradients flow
+    assert moe_cumo.per_device_experts_kernel(torch.zeros(1, device="meta")) == "grouped_mm"  # not the CPU
 
 
 def test_eager_experts_match_a_per_token_reference():
@@ -143,17 +160,24 @@ def test_s2_merge_inverts_s2_crops_on_a_patch_grid():
     assert (merged[..., 3:] - pooled).abs().max() <= 1e-4
 
 
-def test_vision_tower_skips_the_last_layer_at_inference_only():
+def test_vision_tower_skips_the_last_layer_at_inference_and_its_experts_always():
     model = tiny_model(vision_experts=4)
-    calls = []
-    last_layer = model.model.vision_tower.encoder.layers[-1]
-    last_layer.register_forward_hook(lambda *args: calls.append(1))
+    tower = model.model.vision_tower
+    experts_calls, router_calls = [], []
+    tower.encoder.layers[-1].mlp.experts.register_forward_hook(lambda *args: experts_calls.append(1))
+    tower.encoder.layers[-1].mlp.gate.register_forward_hook(lambda *args: router_calls.append(1))
+    pixels = random_pixels(2)
     with torch.no_grad():
-        inference = model.get_image_features(random_pixels(1))
-        assert calls == []
-        training = model.get_image_features(random_pixels(1), compute_router_losses=True)
-    assert calls == [1]
+        inference = model.get_image_features(pixels)
+        assert router_calls == []
+        training = model.get_image_features(pixels, compute_router_losses=True)
+        assert router_calls == [1] and experts_calls == []  # routed for bzloss, experts' output never computed
+        full = tower(s2_crops(pixels, model.config.scales), output_router_logits=True)  # every layer, fully
+    assert experts_calls == [1]
     assert torch.equal(inference.pooler_output, training.pooler_output)
+    balance, z = model.model._vision_router_losses(full.router_logits, num_images=2)
+    assert training.vision_balance_loss.item() == pytest.approx(balance.item(), rel=1e-6)
+    assert training.vision_router_z_loss.item() == pytest.approx(z.item(), rel=1e-6)
 
 
 def test_image_features_shapes_and_wrong_image_count_error():

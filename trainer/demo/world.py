@@ -59,6 +59,19 @@ def draw(background: str, shapes: list[Shape], size: int, rng: random.Random) ->
     return image
 
 
+def region_crops(image: Image.Image, shapes: list[Shape]) -> list[tuple[Image.Image, str]]:
+    """Each shape's quadrant, enlarged 2x as S2's second scale sees it, with the shape's words: image-text pairs
+    in which colour alone does not tell captions apart, so contrastive training must learn shapes."""
+    size = image.width
+    half = size // 2
+    crops = []
+    for shape in shapes:
+        x, y = (shape.quadrant % 2) * half, (shape.quadrant // 2) * half
+        crop = image.crop((x, y, x + half, y + half)).resize((size, size), Image.Resampling.BICUBIC)
+        crops.append((crop, f"A {shape.words()}."))
+    return crops
+
+
 def caption(shapes: list[Shape]) -> str:
     parts = [f"a {s.words()} in the {QUADRANTS[s.quadrant]}" for s in shapes]
     text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
@@ -86,29 +99,33 @@ def questions(shapes: list[Shape], rng: random.Random) -> list[tuple[str, str, s
 
 
 def write_split(folder: Path, name: str, samples: int, image_size: int, seed: int) -> dict:
-    """Images plus `name`_captions.json, `name`_instructions.json (LLaVA format) and `name`_vqa.json (one question
-    per line for evaluation)."""
+    """Images plus `name`_captions.json, `name`_instructions.json (LLaVA format), `name`_regions.json (crop-caption
+    pairs for the CLIP stand-in) and `name`_vqa.json (one question per line for evaluation)."""
     rng = random.Random(seed)
     (folder / name).mkdir(parents=True, exist_ok=True)
-    captions, instructions, vqa = [], [], []
+    (folder / name / "regions").mkdir(exist_ok=True)
+    captions, regions, instructions, vqa = [], [], [], []
     for i in range(samples):
         background, shapes = sample_scene(rng)
         path = f"{name}/{i:05d}.png"
-        draw(background, shapes, image_size, rng).save(folder / path)
+        image = draw(background, shapes, image_size, rng)
+        image.save(folder / path)
+        for j, (crop, words) in enumerate(region_crops(image, shapes)):
+            crop.save(folder / f"{name}/regions/{i:05d}_{j}.png")
+            regions.append({"image": f"{name}/regions/{i:05d}_{j}.png", "caption": words})
         captions.append({"id": f"{name}-cap-{i}", "image": path, "conversations": [
             {"from": "human", "value": "<image>\nDescribe the image briefly."},
             {"from": "gpt", "value": caption(shapes)}]})
         qa = questions(shapes, rng)
-        rng.shuffle(qa)
-        turns = []
-        for j, (_, question, answer) in enumerate(qa):
-            turns += [{"from": "human", "value": ("<image>\n" if j == 0 else "") + question}, {"from": "gpt", "value": answer}]
-        instructions.append({"id": f"{name}-qa-{i}", "image": path, "conversations": turns})
         for kind, question, answer in qa:
+            # One question per conversation, as evaluated: in a longer chat, earlier answers (a description, "Where is
+            # the red circle?") give later ones away, and the model learns to copy them instead of looking.
+            instructions.append({"id": f"{name}-{kind}-{i}", "image": path, "conversations": [
+                {"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": answer}]})
             if kind in VQA_TYPES:
                 vqa.append({"id": f"{name}-vqa-{i}-{kind}", "image": path, "type": kind, "question": question,
                             "answer": answer})
-    for suffix, rows in (("captions", captions), ("instructions", instructions), ("vqa", vqa)):
+    for suffix, rows in (("captions", captions), ("regions", regions), ("instructions", instructions), ("vqa", vqa)):
         (folder / f"{name}_{suffix}.json").write_text(json.dumps(rows))
     return {"images": samples, "vqa_questions": len(vqa)}
 

@@ -1,0 +1,137 @@
+"""The demo pipeline: the world, the stand-ins, the paper's three stages through cumo-init / cumo-train, and the
+held-out evaluation. `cumo-demo` runs it; `trainer.demo.ablations` reuses its parts."""
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from trainer import init_model, train
+from trainer.demo import evaluate, standins, world
+
+
+@dataclass
+class Budget:
+    train_images: int
+    heldout_images: int
+    clip_steps: int
+    llm_steps: int
+    pt_steps: int
+    pft_steps: int
+    vit_steps: int
+
+
+FULL = Budget(train_images=3000, heldout_images=200, clip_steps=500, llm_steps=300, pt_steps=150, pft_steps=300,
+              vit_steps=700)
+QUICK = Budget(train_images=800, heldout_images=60, clip_steps=200, llm_steps=250, pt_steps=60, pft_steps=60,
+               vit_steps=200)
+IMAGE_SIZE, PATCH_SIZE = 64, 8
+SCALES = (1, 2)
+LEARNING_RATES = {"pt": 1e-3, "pft": 5e-4, "vit": 1e-3}
+
+
+def stage_args(stage: str, model: Path, data: Path, output: Path, steps: int, seed: int) -> list[str]:
+    return [
+        "--stage", stage, "--model_name_or_path", str(model), "--data_path", str(data), "--output_dir", str(output),
+        "--max_steps", str(steps), "--learning_rate", str(LEARNING_RATES[stage]), "--per_device_train_batch_size", "16",
+        "--lr_scheduler_type", "cosine", "--warmup_steps", "0.05", "--weight_decay", "0.0", "--logging_steps", "10",
+        "--save_strategy", "no", "--report_to", "none", "--use_cpu", "true", "--bf16", "false",
+        "--gradient_checkpointing", "false", "--dataloader_num_workers", "0", "--seed", str(seed),
+    ]
+
+
+class Laps:
+    """Seconds per pipeline step, logged as they finish."""
+
+    def __init__(self, log=print):
+        self.log, self.seconds, self.start = log, {}, time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        self.seconds[name] = round(time.perf_counter() - self.start, 1)
+        self.log(f"[cumo-demo] {name}: {self.seconds[name]} s")
+        self.start = time.perf_counter()
+
+
+def build_until_vit(work: Path, budget: Budget, seed: int, laps: Laps) -> Path:
+    """World, stand-ins, cumo-init, pt and pft: everything the vit stage starts from. Returns the data folder."""
+    data = work / "data"
+    world.write_split(data, "train", budget.train_images, IMAGE_SIZE, seed)
+    world.write_split(data, "heldout", budget.heldout_images, IMAGE_SIZE, seed + 1)
+    laps("world")
+
+    texts = world.corpus(data, "train")
+    tokenizer = standins.train_tokenizer(texts, work / "tokenizer")
+    pairs = [(row["image"], row["conversations"][1]["value"]) for row in json.loads((data / "train_captions.json").read_text())]
+    pairs += [(row["image"], row["caption"]) for row in json.loads((data / "train_regions.json").read_text())]
+    standins.train_clip([data / image for image, _ in pairs], [text for _, text in pairs], tokenizer, work / "clip",
+                        IMAGE_SIZE, PATCH_SIZE, budget.clip_steps, seed=seed)
+    laps("clip stand-in")
+    chats = []
+    for suffix in ("captions", "instructions"):
+        for row in json.loads((data / f"train_{suffix}.json").read_text()):
+            messages = [{"role": "user" if t["from"] == "human" else "assistant", "content": t["value"].replace("<image>\n", "")}
+                        for t in row["conversations"]]
+            chats.append(tokenizer.apply_chat_template(messages, tokenize=False))
+    standins.train_llm(chats + texts, tokenizer, work / "llm", budget.llm_steps, seed=seed)
+    laps("llm stand-in")
+
+    init_model.main(["--vision-tower", str(work / "clip"), "--llm", str(work / "llm"), "--output", str(work / "init"),
+                     "--dtype", "float32", "--scales", *map(str, SCALES)])
+    train.main(stage_args("pt", work / "init", data / "train_captions.json", work / "pt", budget.pt_steps, seed))
+    laps("stage pt")
+    train.main(stage_args("pft", work / "pt", data / "train_captions.json", work / "pft", budget.pft_steps, seed))
+    laps("stage pft")
+    return data
+
+
+def train_vit(work: Path, data: Path, output: Path, budget: Budget, seed: int, extra: list[str] = ()) -> None:
+    train.main(stage_args("vit", work / "pft", data / "train_instructions.json", output, budget.vit_steps, seed)
+               + list(extra))
+
+
+def evaluate_model(folder: Path, data: Path) -> dict:
+    """Held-out VQA accuracy per type, chance level, and the expert load of every MoE layer."""
+    model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    heldout = json.loads((data / "heldout_vqa.json").read_text())
+    metrics = evaluate.vqa_accuracy(model, processor, heldout, data)
+    images = sorted({data / row["image"] for row in heldout})
+    metrics["expert_load"] = evaluate.expert_load(model, processor, images)
+    metrics["chance_accuracy"] = chance(heldout)
+    return metrics
+
+
+def build_demo(output: Path, budget: Budget, seed: int = 0, log=print) -> dict:
+    """The whole demo: writes output/model, output/metrics.json and output/expert_load.png; returns the metrics."""
+    output.mkdir(parents=True, exist_ok=True)
+    work = output / "work"
+    laps = Laps(log)
+    data = build_until_vit(work, budget, seed, laps)
+    train_vit(work, data, work / "vit", budget, seed)
+    laps("stage vit")
+
+    final = output / "model"
+    if final.exists():
+        shutil.rmtree(final)
+    shutil.copytree(work / "vit", final, ignore=shutil.ignore_patterns("training_args.bin", "checkpoint-*"))
+    metrics = evaluate_model(final, data)
+    laps("evaluation")
+    metrics.update(seconds=laps.seconds, budget=budget.__dict__, scales=list(SCALES),
+                   torch_threads=torch.get_num_threads())
+    evaluate.write_metrics(output / "metrics.json", metrics)
+    evaluate.plot_expert_load(metrics["expert_load"], output / "expert_load.png",
+                              f"Expert load on the held-out split (VQA accuracy {metrics['vqa_accuracy']:.2f})")
+    return metrics
+
+
+def chance(rows: list[dict]) -> float:
+    """Accuracy of always answering each question type's most common held-out answer."""
+    best = {}
+    for kind in {row["type"] for row in rows}:
+        answers = [row["answer"] for row in rows if row["type"] == kind]
+        best[kind] = max(answers.count(a) for a in set(answers))
+    return sum(best.values()) / len(rows)
