@@ -237,7 +237,7 @@ def default_model() -> str:
     if (DEMO_DIR / "model" / "config.json").is_file():
         return str(DEMO_DIR / "model")
     try:
-        from trainer.demo.__main__ import QUICK, build_demo
+        from trainer.demo.pipeline import QUICK, build_demo
     except ImportError:
         raise SystemExit("No model given: pass --model PATH_OR_ID or set CUMO_MODEL.") from None
     print(f"No model given and no demo model in {DEMO_DIR}/model: building a reduced one now (a few minutes). "

@@ -6,7 +6,7 @@ import random
 from PIL import Image
 
 from trainer.demo import world
-from trainer.demo.__main__ import Budget, build_demo
+from trainer.demo.pipeline import Budget, build_demo
 
 
 def test_world_questions_have_exactly_one_right_answer(tmp_path):
@@ -26,7 +26,14 @@ def test_world_questions_have_exactly_one_right_answer(tmp_path):
     image = Image.open(tmp_path / vqa[0]["image"])
     assert image.size == (64, 64) and image.mode == "RGB"
     instructions = json.loads((tmp_path / "train_instructions.json").read_text())
-    assert instructions[0]["conversations"][0]["value"].startswith("<image>\n")
+    assert all(len(row["conversations"]) == 2 and row["conversations"][0]["value"].startswith("<image>\n")
+               for row in instructions)  # one question per conversation: no answer given away by an earlier turn
+    regions = json.loads((tmp_path / "train_regions.json").read_text())
+    assert len(regions) > 40
+    for row in regions[:10]:
+        words = row["caption"].rstrip(".").split()
+        assert words[1] in ("large", "small") and words[2] in world.COLOURS and words[3] in world.SHAPES
+        assert Image.open(tmp_path / row["image"]).size == (64, 64)
 
 
 def test_reduced_pipeline_learns_far_above_chance(tmp_path):

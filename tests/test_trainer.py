@@ -94,6 +94,28 @@ def test_vit_upcycles_then_experts_diverge_with_bzloss(tmp_path):
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
 
 
+def test_vit_from_scratch_experts_differ_from_the_dense_mlp(tmp_path):
+    model = tiny_model()
+    dense_fc1 = model.model.vision_tower.encoder.layers[0].mlp.fc1.weight.detach().clone()
+    make_trainer(tmp_path, "vit", model, upcycle_experts_init="random")
+    experts = model.model.vision_tower.encoder.layers[0].mlp.experts
+    assert not torch.equal(experts.up_proj[0], experts.up_proj[1])
+    assert not any(torch.equal(experts.up_proj[e], dense_fc1) for e in range(4))
+    assert not torch.equal(model.model.multi_modal_projector.experts.up_proj[0],
+                           model.model.multi_modal_projector.experts.up_proj[1])
+
+
+def test_bzloss_weights_can_be_switched_off(tmp_path):
+    model = tiny_model()
+    trainer = make_trainer(tmp_path, "vit", model, balance_loss_coef=0.0, router_z_loss_coef=0.0)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+    model.train()
+    with torch.no_grad():
+        out = model(**batch)
+    assert out.vision_balance_loss > 0 and out.aux_loss.item() == 0.0
+    assert model.config.balance_loss_coef == 0.0  # saved with the model
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_trainer_adds_the_models_own_bzloss(tmp_path, fused):
     model = tiny_model(vision_experts=4, projector_experts=4, text="mixtral")

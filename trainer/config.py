@@ -20,6 +20,10 @@ class CuMoSFTConfig(SFTConfig):
           model that is already MoE this is a plain fine-tune.
     upcycle_num_experts, upcycle_num_experts_per_tok (`int`): MoE shape made by co-upcycling in the `vit` stage.
     upcycle_vision, upcycle_projector (`bool`): which dense blocks the `vit` stage upcycles (the paper: both).
+    upcycle_experts_init (`str`): `"copy"` (co-upcycling: experts are copies of the dense MLP) or `"random"` (MoE
+        blocks trained from scratch, the paper's Table 3a baseline).
+    balance_loss_coef, router_z_loss_coef (`float`, *optional*): override the model config's bzloss weights
+        (0 and 0 train without bzloss); saved into the trained model's config.
     on_bad_image (`str`): an unreadable image fails the run (`"error"`) or drops its sample with a warning (`"skip"`).
 
     Differences from `SFTConfig`'s defaults: `assistant_only_loss=True` (loss on answers and captions only; image
@@ -33,6 +37,11 @@ class CuMoSFTConfig(SFTConfig):
     upcycle_num_experts_per_tok: int = field(default=2, metadata={"help": "Top-k of the MoE blocks made in vit."})
     upcycle_vision: bool = field(default=True, metadata={"help": "vit stage: upcycle the CLIP MLPs."})
     upcycle_projector: bool = field(default=True, metadata={"help": "vit stage: upcycle the projector."})
+    upcycle_experts_init: Literal["copy", "random"] = field(
+        default="copy", metadata={"help": "vit stage: experts copied from the dense MLP (copy) or from scratch (random)."}
+    )
+    balance_loss_coef: float | None = field(default=None, metadata={"help": "Override the model's bzloss balance weight."})
+    router_z_loss_coef: float | None = field(default=None, metadata={"help": "Override the model's bzloss z weight."})
     on_bad_image: Literal["error", "skip"] = field(
         default="error", metadata={"help": "Unreadable image: fail the run (error) or drop the sample (skip)."}
     )

@@ -14,29 +14,16 @@ import argparse
 import json
 from pathlib import Path
 
-from trainer.demo.pipeline import FULL, QUICK, Budget, build_demo
-
-
-def budget_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true", help="reduced run: fewer samples and steps")
-    parser.add_argument("--seed", type=int, default=0)
-    for name in Budget.__dataclass_fields__:
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
-                            help=f"override the budget's {name} (full {getattr(FULL, name)}, quick {getattr(QUICK, name)})")
-
-
-def budget_from(args: argparse.Namespace) -> Budget:
-    budget = QUICK if args.quick else FULL
-    return Budget(**{name: getattr(args, name) or getattr(budget, name) for name in Budget.__dataclass_fields__})
+from trainer.demo.pipeline import add_budget_arguments, budget_from_args, build_demo
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="cumo-demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, required=True, help="folder for model/, metrics.json, expert_load.png")
-    budget_arguments(parser)
+    add_budget_arguments(parser)
     args = parser.parse_args(argv)
-    metrics = build_demo(args.output, budget_from(args), args.seed)
+    metrics = build_demo(args.output, budget_from_args(args), args.seed)
     print(json.dumps({k: metrics[k] for k in ("vqa_accuracy", "accuracy_per_type", "chance_accuracy", "seconds")}, indent=2))
     print(f"Chat with it: python -m space.app --model {args.output / 'model'}")
 

@@ -1,6 +1,7 @@
 """The demo pipeline: the world, the stand-ins, the paper's three stages through cumo-init / cumo-train, and the
 held-out evaluation. `cumo-demo` runs it; `trainer.demo.ablations` reuses its parts."""
 
+import argparse
 import json
 import shutil
 import time
@@ -25,13 +26,26 @@ class Budget:
     vit_steps: int
 
 
-FULL = Budget(train_images=3000, heldout_images=200, clip_steps=500, llm_steps=300, pt_steps=150, pft_steps=300,
-              vit_steps=700)
+FULL = Budget(train_images=3000, heldout_images=200, clip_steps=800, llm_steps=300, pt_steps=150, pft_steps=300,
+              vit_steps=1400)
 QUICK = Budget(train_images=800, heldout_images=60, clip_steps=200, llm_steps=250, pt_steps=60, pft_steps=60,
                vit_steps=200)
 IMAGE_SIZE, PATCH_SIZE = 64, 8
 SCALES = (1, 2)
 LEARNING_RATES = {"pt": 1e-3, "pft": 5e-4, "vit": 1e-3}
+
+
+def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="reduced run: fewer samples and steps")
+    parser.add_argument("--seed", type=int, default=0)
+    for name in Budget.__dataclass_fields__:
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
+                            help=f"override the budget's {name} (full {getattr(FULL, name)}, quick {getattr(QUICK, name)})")
+
+
+def budget_from_args(args: argparse.Namespace) -> Budget:
+    budget = QUICK if args.quick else FULL
+    return Budget(**{name: getattr(args, name) or getattr(budget, name) for name in Budget.__dataclass_fields__})
 
 
 def stage_args(stage: str, model: Path, data: Path, output: Path, steps: int, seed: int) -> list[str]:
