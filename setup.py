@@ -26,7 +26,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["modeling_cumo", "trainer", "space", "hub_upload"]),
+    packages=find_packages(include=["modeling_cumo", "trainer", "trainer.*", "space", "hub_upload"]),
     install_requires=CORE,
     entry_points={
         "console_scripts": [

@@ -110,7 +110,7 @@ def test_experts_implementations_agree(training):
             assert (grad - reference_grads[name]).abs().max() <= 1e-5, (implementation, name)
 
 
-def test_auto_experts_kernel_is_chosen_per_device_and_mode(monkeypatch):
+def test_auto_experts_kernel_is_chosen_per_device(monkeypatch):
     from modeling_cumo import moe_cumo
 
     model = tiny_model(vision_experts=4).eval()
@@ -119,10 +119,8 @@ def test_auto_experts_kernel_is_chosen_per_device_and_mode(monkeypatch):
     monkeypatch.setattr(moe_cumo.CuMoExperts, "forward", lambda *args: used.append("eager") or eager(*args))
     with torch.no_grad():
         model.get_image_features(random_pixels(1))
-    assert set(used) == {"eager"}  # CPU inference
-    used.clear()
     model.get_image_features(random_pixels(1)).pooler_output.sum().backward()
-    assert set(used) == {"grouped_mm"}  # gradients flow
+    assert set(used) == {"eager"}  # on the CPU, with and without gradients
     assert moe_cumo.per_device_experts_kernel(torch.zeros(1, device="meta")) == "grouped_mm"  # not the CPU
 
 
