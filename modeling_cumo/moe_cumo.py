@@ -65,8 +65,8 @@ class CuMoExperts(nn.Module):
 
 def per_device_experts_kernel(hidden_states: torch.Tensor) -> str:
     """The kernel `experts_implementation="auto"` runs: on the CPU the eager grouped loop (1.4x faster than
-    `grouped_mm` for inference, 1.3x for a training step at CLIP 512-wide: benchmarks/README.md), elsewhere
-    transformers' `grouped_mm`, its own default."""
+    `grouped_mm` for the vision path, 1.2x for a whole training step at CLIP 512-wide: benchmarks/README.md),
+    elsewhere transformers' `grouped_mm`, its own default."""
     return "eager" if hidden_states.device.type == "cpu" else "grouped_mm"
 
 
@@ -85,7 +85,7 @@ CUMO_EXPERTS_FUNCTIONS["auto"] = _per_device_experts_forward
 class CuMoVisionExperts(CuMoExperts):
     """CLIP MLP experts. Their width is preserved, so transformers' experts kernels (`grouped_mm`, `batched_mm`, ...)
     apply; `config._experts_implementation` of the vision config picks one ("eager" is the forward above, "auto",
-    the default, picks per device and mode with `per_device_experts_kernel`)."""
+    the default, picks per device with `per_device_experts_kernel`)."""
 
 
 class CuMoSparseMLP(nn.Module):

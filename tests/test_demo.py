@@ -47,3 +47,19 @@ def test_reduced_pipeline_learns_far_above_chance(tmp_path):
     assert (tmp_path / "model" / "config.json").is_file() and (tmp_path / "expert_load.png").is_file()
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["vqa_accuracy"] == metrics["vqa_accuracy"] and set(saved["accuracy_per_type"]) == set(world.VQA_TYPES)
+
+
+def test_ablations_run_all_four_variants_and_keep_only_numbers(tmp_path):
+    from trainer.demo.ablations import VARIANTS, run_ablations
+
+    budget = Budget(train_images=60, heldout_images=10, clip_steps=5, llm_steps=5, pt_steps=2, pft_steps=2, vit_steps=3)
+    report = run_ablations(tmp_path, budget, log=lambda *args: None)
+    results = report["variants"]
+    assert list(results) == list(VARIANTS)
+    assert results["dense"]["expert_load"] == {} and results["dense"]["expert_share_min"] is None
+    for name in list(VARIANTS)[1:]:
+        assert len(results[name]["expert_load"]) == 5  # 4 CLIP layers and the projector of the demo model
+        assert all(abs(sum(shares) - 1) < 1e-6 for shares in results[name]["expert_load"].values())
+    assert json.loads((tmp_path / "ablations.json").read_text())["variants"].keys() == results.keys()
+    assert (tmp_path / "ablations.md").read_text().count("\n|") == len(VARIANTS) + 1
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["clip", "data", "init", "llm", "pft", "pt", "tokenizer"]

@@ -14,7 +14,7 @@ Each variant reports held-out VQA accuracy per question type and, for the MoE on
 
 import argparse
 import json
-import shutil
+import tempfile
 from pathlib import Path
 
 from trainer.demo.pipeline import Budget, Laps, add_budget_arguments, budget_from_args, build_until_vit, evaluate_model, train_vit
@@ -31,14 +31,14 @@ VARIANTS = {
 def run_ablations(output: Path, budget: Budget, seed: int = 0, log=print) -> dict:
     work = output / "work"
     laps = Laps(log)
-    data = work / "data"
     if not (work / "pft" / "config.json").is_file():
-        data = build_until_vit(work, budget, seed, laps)
+        build_until_vit(work, budget, seed, laps)
+    data = work / "data"
     results = {}
     for name, extra in VARIANTS.items():
-        folder = work / "ablations" / name.split(" (")[0].replace(" + ", "-").replace(", ", "-").replace(" ", "-")
-        train_vit(work, data, folder, budget, seed, extra)
-        metrics = evaluate_model(folder, data)
+        with tempfile.TemporaryDirectory(dir=work) as folder:  # keep only the numbers, not four models
+            train_vit(work, data, Path(folder), budget, seed, extra)
+            metrics = evaluate_model(Path(folder), data)
         shares = [share for layer in metrics["expert_load"].values() for share in layer]
         results[name] = {
             "vqa_accuracy": metrics["vqa_accuracy"],
@@ -48,7 +48,6 @@ def run_ablations(output: Path, budget: Budget, seed: int = 0, log=print) -> dic
             "expert_share_min": min(shares, default=None),
             "expert_share_max": max(shares, default=None),
         }
-        shutil.rmtree(folder)  # keep only the numbers: four models would fill the disk for nothing
         laps(name)
     report = {"budget": budget.__dict__, "seed": seed, "variants": results, "seconds": laps.seconds}
     (output / "ablations.json").write_text(json.dumps(report, indent=2) + "\n")
