@@ -87,6 +87,8 @@ def main(argv=None):
     parser.add_argument("--images", type=int, default=2, help="images in the vision-path and training batches")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per request")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the vision path with both vision towers torch.compile'd (after everything else)")
     parser.add_argument("--output", default=None, help="JSON path (default: benchmarks/model_speed_CONFIG.json)")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
@@ -159,6 +161,21 @@ def main(argv=None):
                                          pixel_values=eight), 1, args.device)
     results["chat8_one_by_one_s"], results["chat8_batched_s"] = one_by_one, batched
     results["chat8_batched_speedup"] = one_by_one / batched
+
+    if args.compile:  # 6. (last: compiling changes the models) the vision path with torch.compile'd towers
+        with torch.no_grad():
+            eager_features = moe.get_image_features(pixels).pooler_output
+            start = time.perf_counter()
+            for model in (moe, dense):
+                model.model.vision_tower.compile()
+                model.get_image_features(pixels)  # compiles
+            results["compile_s"] = time.perf_counter() - start
+            results["compiled_max_abs_diff"] = max(
+                (a - b).abs().max().item() for a, b in zip(eager_features, moe.get_image_features(pixels).pooler_output))
+            results["vision_moe_compiled_s"] = timed(lambda: moe.get_image_features(pixels), args.repeats, args.device)
+            results["vision_dense_compiled_s"] = timed(lambda: dense.get_image_features(pixels), args.repeats, args.device)
+        results["vision_moe_compiled_over_dense_compiled"] = results["vision_moe_compiled_s"] / results["vision_dense_compiled_s"]
+        results["vision_moe_compile_speedup"] = results["vision_moe_auto_s"] / results["vision_moe_compiled_s"]
 
     if args.device == "cuda":  # 5. peak memory of each model in each phase
         def peak_gb(fn):

@@ -1,5 +1,7 @@
 """The model's invariants: upcycling preserves outputs, a dense CuMo is a LLaVA, experts kernels agree, shapes."""
 
+import shutil
+
 import pytest
 import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration
@@ -122,6 +124,31 @@ def test_auto_experts_kernel_is_chosen_per_device(monkeypatch):
     model.get_image_features(random_pixels(1)).pooler_output.sum().backward()
     assert set(used) == {"eager"}  # on the CPU, with and without gradients
     assert moe_cumo.per_device_experts_kernel(torch.zeros(1, device="meta")) == "grouped_mm"  # not the CPU
+
+
+def compiler_toolchain_works() -> bool:
+    """torch.compile's CPU backend builds C++; a machine without a working toolchain cannot run the compile test."""
+    if shutil.which("g++") is None:
+        return False
+    try:
+        return bool(torch.compile(lambda x: x * 2 + 1)(torch.ones(3)).eq(3).all())
+    except Exception:  # noqa: BLE001 - any toolchain failure means "cannot compile here"
+        return False
+
+
+def test_compiled_vision_tower_gives_the_same_features():
+    """`model.model.vision_tower.compile()` (benchmarks/model_speed.py --compile): the data-dependent expert routing
+    compiles, and routing, experts and S2 merge give what eager gives, router losses included."""
+    if not compiler_toolchain_works():
+        pytest.skip("torch.compile's CPU backend needs a working C++ toolchain")
+    model = tiny_model(vision_experts=4, projector_experts=4).eval()
+    pixels = random_pixels(2)
+    with torch.no_grad():
+        eager = model.get_image_features(pixels, compute_router_losses=True)
+        model.model.vision_tower.compile()
+        compiled = model.get_image_features(pixels, compute_router_losses=True)
+    torch.testing.assert_close(compiled.pooler_output, eager.pooler_output, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(compiled.vision_balance_loss, eager.vision_balance_loss, rtol=1e-5, atol=1e-6)
 
 
 def test_eager_experts_match_a_per_token_reference():
