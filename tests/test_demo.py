@@ -23,6 +23,10 @@ def test_world_questions_have_exactly_one_right_answer(tmp_path):
                 assert [s.colour for s in shapes if s.shape == target] == [answer.rstrip(".").lower()]
             if kind == "count":
                 assert answer == world.NUMBERS[len(shapes)].capitalize() + "."
+    for row in vqa:
+        assert row["objects"] in (1, 2, 3)
+        if row["type"] == "count":
+            assert row["answer"] == world.NUMBERS[row["objects"]].capitalize() + "."
     image = Image.open(tmp_path / vqa[0]["image"])
     assert image.size == (64, 64) and image.mode == "RGB"
     instructions = json.loads((tmp_path / "train_instructions.json").read_text())
@@ -47,6 +51,8 @@ def test_reduced_pipeline_learns_far_above_chance(tmp_path):
     assert (tmp_path / "model" / "config.json").is_file() and (tmp_path / "expert_load.png").is_file()
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["vqa_accuracy"] == metrics["vqa_accuracy"] and set(saved["accuracy_per_type"]) == set(world.VQA_TYPES)
+    for kind, by_objects in saved["accuracy_per_type_and_objects"].items():  # the per-type figure, split by shapes
+        assert set(by_objects) <= {"1", "2", "3"} and min(by_objects.values()) <= saved["accuracy_per_type"][kind] <= max(by_objects.values())
 
 
 def test_ablations_run_all_four_variants_and_keep_only_numbers(tmp_path):

@@ -24,7 +24,7 @@ def main(argv=None):
     add_budget_arguments(parser)
     args = parser.parse_args(argv)
     metrics = build_demo(args.output, budget_from_args(args), args.seed)
-    print(json.dumps({k: metrics[k] for k in ("vqa_accuracy", "accuracy_per_type", "chance_accuracy", "seconds")}, indent=2))
+    print(json.dumps({k: metrics[k] for k in ("vqa_accuracy", "accuracy_per_type", "accuracy_per_type_and_objects", "chance_accuracy", "seconds")}, indent=2))
     print(f"Chat with it: python -m space.app --model {args.output / 'model'}")
 
 

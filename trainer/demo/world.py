@@ -124,7 +124,7 @@ def write_split(folder: Path, name: str, samples: int, image_size: int, seed: in
                 {"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": answer}]})
             if kind in VQA_TYPES:
                 vqa.append({"id": f"{name}-vqa-{i}-{kind}", "image": path, "type": kind, "question": question,
-                            "answer": answer})
+                            "answer": answer, "objects": len(shapes)})
     for suffix, rows in (("captions", captions), ("regions", regions), ("instructions", instructions), ("vqa", vqa)):
         (folder / f"{name}_{suffix}.json").write_text(json.dumps(rows))
     return {"images": samples, "vqa_questions": len(vqa)}
