@@ -5,6 +5,7 @@ import json
 import re
 from collections import defaultdict
 from pathlib import Path
+from statistics import mean
 
 import torch
 from PIL import Image
@@ -20,7 +21,7 @@ def vqa_accuracy(model, processor, rows: list[dict], folder: Path, batch_size: i
     """Exact-match accuracy overall, per question type, and per type and number of shapes in the image (one shape
     needs no looking for the asked-about object; two or three do)."""
     processor.tokenizer.padding_side = "left"
-    right = defaultdict(list)  # (type, number of shapes or None for data written without it) -> [answered correctly?]
+    by_type, by_objects = defaultdict(list), defaultdict(lambda: defaultdict(list))  # -> [answered correctly?]
     for start in tqdm(range(0, len(rows), batch_size), desc="Evaluating VQA"):
         batch = rows[start : start + batch_size]
         prompts = [processor.apply_chat_template(
@@ -32,15 +33,15 @@ def vqa_accuracy(model, processor, rows: list[dict], folder: Path, batch_size: i
                                 pad_token_id=processor.tokenizer.pad_token_id)
         answers = processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         for row, answer in zip(batch, answers):
-            right[row["type"], row.get("objects")].append(normalise(answer) == normalise(row["answer"]))
-    kinds = sorted({kind for kind, _ in right})
-    per_type = {kind: [r for (k, _), rs in right.items() if k == kind for r in rs] for kind in kinds}
-    everything = [r for rs in right.values() for r in rs]
-    return {"vqa_accuracy": sum(everything) / len(everything),
-            "accuracy_per_type": {kind: sum(rs) / len(rs) for kind, rs in per_type.items()},
-            "accuracy_per_type_and_objects": {kind: {str(n): sum(right[kind, n]) / len(right[kind, n])
-                                                     for k, n in sorted(right, key=str) if k == kind and n is not None}
-                                              for kind in kinds},
+            right = normalise(answer) == normalise(row["answer"])
+            by_type[row["type"]].append(right)
+            if "objects" in row:  # data written before this field: no split
+                by_objects[row["type"]][str(row["objects"])].append(right)
+    everything = [right for rights in by_type.values() for right in rights]
+    return {"vqa_accuracy": mean(everything),
+            "accuracy_per_type": {kind: mean(rights) for kind, rights in sorted(by_type.items())},
+            "accuracy_per_type_and_objects": {kind: {n: mean(rights) for n, rights in sorted(by_objects[kind].items())}
+                                              for kind in sorted(by_type)},
             "vqa_questions": len(everything)}
 
 
