@@ -1,6 +1,9 @@
 """CuMo: CLIP (with MoE MLPs) -> S2 multi-scale features -> (MoE) projector -> any causal LM, LLaVA style."""
 
-from dataclasses import dataclass
+import inspect
+from collections import OrderedDict
+from dataclasses import dataclass, fields
+from functools import cache
 
 import torch
 from torch import nn
@@ -23,8 +26,24 @@ from .moe_cumo import (
 from .vision_cumo import CuMoVisionModel, s2_crops, s2_merge
 
 
+@cache
+def _field_names(output_class: type) -> frozenset[str]:
+    return frozenset(field.name for field in fields(output_class))
+
+
+class _CachedFieldsOutput:
+    """ModelOutput's `__setattr__` lists the dataclass fields on every assignment, so building an output costs the
+    square of its field count; ours carry the router-loss terms too (13 fields), which made each decode step ~5%
+    slower than the bare LM's. Same behaviour, with the field names computed once per class."""
+
+    def __setattr__(self, name, value):
+        if value is not None and name in _field_names(type(self)):
+            OrderedDict.__setitem__(self, name, value)
+        OrderedDict.__setattr__(self, name, value)
+
+
 @dataclass
-class CuMoImageFeaturesOutput(BaseModelOutputWithPooling):
+class CuMoImageFeaturesOutput(_CachedFieldsOutput, BaseModelOutputWithPooling):
     r"""
     last_hidden_state (`(num_images, num_patches, vision_hidden * len(scales))`): S2 features of the vision tower.
     pooler_output (`(num_images, num_patches, text_hidden)`): the projected features that replace the image tokens.
@@ -39,7 +58,7 @@ class CuMoImageFeaturesOutput(BaseModelOutputWithPooling):
 
 
 @dataclass
-class CuMoModelOutputWithPast(BaseModelOutputWithPast):
+class CuMoModelOutputWithPast(_CachedFieldsOutput, BaseModelOutputWithPast):
     r"""
     image_hidden_states: the projected image features (see `CuMoImageFeaturesOutput.pooler_output`).
     aux_loss: `balance_loss_coef * sum(balance losses) + router_z_loss_coef * sum(z-losses)`, when computed.
@@ -57,7 +76,7 @@ class CuMoModelOutputWithPast(BaseModelOutputWithPast):
 
 
 @dataclass
-class CuMoCausalLMOutputWithPast(ModelOutput):
+class CuMoCausalLMOutputWithPast(_CachedFieldsOutput, ModelOutput):
     r"""
     loss: cross-entropy (with `labels`) plus `aux_loss` (when the MoE losses were computed: with labels or in training).
     Other fields as in `CuMoModelOutputWithPast`.
@@ -450,6 +469,9 @@ class CuMoForConditionalGeneration(CuMoPreTrainedModel, GenerationMixin):
         )
 
 
+# generate() inspects the forward signature of every remote-code model at every decode step (transformers 5.x,
+# `prepare_inputs_for_generation`); a precomputed signature makes that lookup free instead of ~5% of a small step.
+CuMoForConditionalGeneration.forward.__signature__ = inspect.signature(CuMoForConditionalGeneration.forward)
 CuMoForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 
 __all__ = ["CuMoForConditionalGeneration", "CuMoModel", "CuMoPreTrainedModel", "CuMoMultiModalProjector"]

@@ -54,3 +54,18 @@ def test_streaming_yields_the_generated_text(processor):
         output = model.generate(**inputs, max_new_tokens=8, do_sample=False)
     expected = processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "".join(chunks) == expected and expected.strip()
+
+
+def test_forward_signature_is_precomputed_and_true():
+    """generate() inspects a remote-code model's forward at every decode step; the signature is stored on the
+    function so that costs nothing, and it must still name exactly forward's own parameters."""
+    import inspect
+
+    from modeling_cumo.modeling_cumo import CuMoForConditionalGeneration
+
+    forward = CuMoForConditionalGeneration.forward
+    assert "__signature__" in vars(forward)
+    code = forward.__code__
+    own = list(code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]) + ["kwargs"]
+    assert list(inspect.signature(forward).parameters) == own
+    assert list(inspect.signature(tiny_model().forward).parameters) == own[1:]  # bound: without self

@@ -245,3 +245,19 @@ def test_other_causal_lms_work_through_text_config(text):
     generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, pixel_values=random_pixels(2),
                                max_new_tokens=3, do_sample=False)
     assert generated.shape == (2, input_ids.shape[1] + 3)
+
+
+def test_outputs_behave_like_model_outputs():
+    """CuMo's outputs cache their field names (a decode-speed fix) and must still act as transformers' ModelOutput:
+    only set fields are keys, in order, indexable by name and position, and later assignments register."""
+    from modeling_cumo.modeling_cumo import CuMoCausalLMOutputWithPast
+
+    logits, aux = torch.ones(2), torch.zeros(1)
+    output = CuMoCausalLMOutputWithPast(logits=logits, aux_loss=aux)
+    assert list(output.keys()) == ["logits", "aux_loss"]
+    assert output[0] is logits and output["aux_loss"] is aux and output.to_tuple() == (logits, aux)
+    assert output.loss is None and output.vision_balance_loss is None
+    output.loss = torch.tensor(3.0)
+    assert list(output.keys()) == ["logits", "aux_loss", "loss"] and output["loss"] == 3.0
+    output.hidden_states = None
+    assert "hidden_states" not in output.keys()
