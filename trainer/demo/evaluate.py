@@ -17,7 +17,7 @@ def normalise(text: str) -> str:
 
 
 @torch.no_grad()
-def vqa_accuracy(model, processor, rows: list[dict], folder: Path, batch_size: int = 32) -> dict:
+def vqa_accuracy(model, processor, rows: list[dict], folder: Path, batch_size: int = 32, max_new_tokens: int = 8) -> dict:
     """Exact-match accuracy overall, per question type, and per type and number of shapes in the image (one shape
     needs no looking for the asked-about object; two or three do)."""
     processor.tokenizer.padding_side = "left"
@@ -29,7 +29,7 @@ def vqa_accuracy(model, processor, rows: list[dict], folder: Path, batch_size: i
             add_generation_prompt=True) for row in batch]
         images = [Image.open(folder / row["image"]) for row in batch]
         inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt")
-        output = model.generate(**inputs, max_new_tokens=8, do_sample=False,
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                 pad_token_id=processor.tokenizer.pad_token_id)
         answers = processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         for row, answer in zip(batch, answers):
