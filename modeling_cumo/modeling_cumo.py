@@ -206,8 +206,13 @@ class CuMoModel(CuMoPreTrainedModel):
         return "router_logits" in (getattr(self.language_model, "_can_record_outputs", None) or {})
 
     @torch.no_grad()
-    def upcycle(self, num_experts: int = 4, num_experts_per_tok: int = 2, vision: bool = True, projector: bool = True):
-        """Co-upcycle the dense vision MLPs and/or the dense projector into top-k MoE blocks (experts = copies)."""
+    def upcycle(self, num_experts: int = 4, num_experts_per_tok: int = 2, vision: bool = True, projector: bool = True,
+                experts_init: str = "copy"):
+        """Co-upcycle the dense vision MLPs and/or the dense projector into top-k MoE blocks: experts are copies of
+        the dense weights (`experts_init="copy"`) or freshly initialised (`"random"`, the paper's MoE trained from
+        scratch, Table 3a)."""
+        if experts_init not in ("copy", "random"):
+            raise ValueError(f"`experts_init` must be 'copy' or 'random', got {experts_init!r}.")
         if num_experts < 2 or not 1 <= num_experts_per_tok <= num_experts:
             raise ValueError(
                 f"Upcycling needs num_experts >= 2 and 1 <= num_experts_per_tok <= num_experts, "
@@ -225,6 +230,12 @@ class CuMoModel(CuMoPreTrainedModel):
             self.multi_modal_projector.upcycle(self.config, num_experts, num_experts_per_tok, std)
             self.config.projector_num_experts = num_experts
             self.config.projector_num_experts_per_tok = num_experts_per_tok
+        if experts_init == "random":
+            # Here, not in the trainer: a model loaded with remote code has its own copies of these classes.
+            for blocks, std, upcycled in ((self.vision_tower, self.config.vision_config.initializer_range, vision),
+                                          (self.multi_modal_projector, self.config.text_config.initializer_range, projector)):
+                if upcycled:
+                    blocks.apply(lambda module: init_moe_weights(module, std))
 
     def get_image_features(
         self, pixel_values: torch.Tensor, compute_router_losses: bool = False, **kwargs
@@ -405,10 +416,13 @@ class CuMoForConditionalGeneration(CuMoPreTrainedModel, GenerationMixin):
     def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> CuMoImageFeaturesOutput:
         return self.model.get_image_features(pixel_values, **kwargs)
 
-    def upcycle(self, num_experts: int = 4, num_experts_per_tok: int = 2, vision: bool = True, projector: bool = True):
+    def upcycle(self, num_experts: int = 4, num_experts_per_tok: int = 2, vision: bool = True, projector: bool = True,
+                experts_init: str = "copy"):
         """Co-upcycling (paper §3.2): the dense CLIP MLPs and projector become top-k MoE blocks whose experts are
-        copies of the dense weights, with fresh routers. Outputs are unchanged right after. Returns `self`."""
-        self.model.upcycle(num_experts, num_experts_per_tok, vision=vision, projector=projector)
+        copies of the dense weights, with fresh routers. Outputs are unchanged right after. `experts_init="random"`
+        initialises the experts afresh instead (MoE from scratch). Returns `self`."""
+        self.model.upcycle(num_experts, num_experts_per_tok, vision=vision, projector=projector,
+                           experts_init=experts_init)
         return self
 
     def num_activated_parameters(self) -> int:

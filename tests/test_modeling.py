@@ -261,3 +261,14 @@ def test_outputs_behave_like_model_outputs():
     assert list(output.keys()) == ["logits", "aux_loss", "loss"] and output["loss"] == 3.0
     output.hidden_states = None
     assert "hidden_states" not in output.keys()
+
+
+def test_random_upcycling_initialises_only_the_blocks_it_upcycles():
+    model = tiny_model(vision_experts=4)  # vision already MoE, projector dense
+    vision_experts = model.model.vision_tower.encoder.layers[0].mlp.experts.up_proj.detach().clone()
+    model.upcycle(4, 2, experts_init="random")
+    assert torch.equal(model.model.vision_tower.encoder.layers[0].mlp.experts.up_proj, vision_experts)
+    projector = model.model.multi_modal_projector.experts.up_proj
+    assert not torch.equal(projector[0], projector[1])  # fresh experts, not four copies of the dense layer
+    with pytest.raises(ValueError, match="experts_init"):
+        tiny_model().upcycle(4, 2, experts_init="zeros")

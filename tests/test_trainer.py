@@ -105,6 +105,21 @@ def test_vit_from_scratch_experts_differ_from_the_dense_mlp(tmp_path):
                            model.model.multi_modal_projector.experts.up_proj[1])
 
 
+def test_vit_from_scratch_also_when_the_model_is_loaded_with_remote_code(tmp_path):
+    """A folder loaded with trust_remote_code has its own copies of CuMo's classes: random expert init must still
+    reach them (it once silently kept the copies, so 'from scratch' trained exactly like co-upcycling)."""
+    model = tiny_model()
+    dense_fc1 = model.model.vision_tower.encoder.layers[0].mlp.fc1.weight.detach().clone()
+    model.save_pretrained(tmp_path / "dense")
+    tiny_processor().save_pretrained(tmp_path / "dense")
+    trainer = make_trainer(tmp_path, "vit", str(tmp_path / "dense"), upcycle_experts_init="random")
+    loaded = trainer.model
+    assert type(loaded).__module__.startswith("transformers_modules")
+    experts = loaded.model.vision_tower.encoder.layers[0].mlp.experts
+    assert not any(torch.equal(experts.up_proj[e], dense_fc1) for e in range(4))
+    assert not torch.equal(experts.up_proj[0], experts.up_proj[1])
+
+
 def test_bzloss_weights_can_be_switched_off(tmp_path):
     model = tiny_model()
     trainer = make_trainer(tmp_path, "vit", model, balance_loss_coef=0.0, router_z_loss_coef=0.0)

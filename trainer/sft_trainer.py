@@ -13,7 +13,6 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from trl import SFTTrainer
 
 from modeling_cumo.modeling_cumo import ROUTER_LOSS_FIELDS
-from modeling_cumo.moe_cumo import init_moe_weights
 from modeling_cumo.processing_cumo import PLAIN_CHAT_TEMPLATE
 
 from .config import CuMoSFTConfig
@@ -91,11 +90,8 @@ def prepare_stage(model, args: CuMoSFTConfig) -> None:
             num_experts_per_tok=args.upcycle_num_experts_per_tok,
             vision=args.upcycle_vision,
             projector=args.upcycle_projector,
+            experts_init=args.upcycle_experts_init,
         )
-        if args.upcycle_experts_init == "random":
-            for blocks, std in ((backbone.vision_tower, backbone.config.vision_config.initializer_range),
-                                (backbone.multi_modal_projector, backbone.config.text_config.initializer_range)):
-                blocks.apply(lambda module: init_moe_weights(module, std))
         logger.info("Upcycled the dense blocks into top-%d-of-%d MoE blocks (experts: %s).",
                     args.upcycle_num_experts_per_tok, args.upcycle_num_experts, args.upcycle_experts_init)
     for name in ("balance_loss_coef", "router_z_loss_coef"):
