@@ -120,6 +120,14 @@ def test_vit_from_scratch_also_when_the_model_is_loaded_with_remote_code(tmp_pat
     assert not torch.equal(experts.up_proj[0], experts.up_proj[1])
 
 
+def test_from_scratch_on_a_checkpoint_with_older_code_says_what_to_do(tmp_path):
+    model = tiny_model()
+    model.upcycle = lambda num_experts=4, num_experts_per_tok=2, vision=True, projector=True: model  # older code
+    with pytest.raises(ValueError, match="predates"):
+        make_trainer(tmp_path, "vit", model, upcycle_experts_init="random")
+    make_trainer(tmp_path, "vit", model)  # co-upcycling, the default, still works with such code
+
+
 def test_bzloss_weights_can_be_switched_off(tmp_path):
     model = tiny_model()
     trainer = make_trainer(tmp_path, "vit", model, balance_loss_coef=0.0, router_z_loss_coef=0.0)

@@ -5,6 +5,7 @@ loss never reaches it. The trainer therefore reads the MoE losses from the backb
 `CuMoModel`, which returns them in training mode) and adds them in `compute_loss`, whatever path TRL took.
 """
 
+import inspect
 import logging
 
 import torch
@@ -85,12 +86,22 @@ def prepare_stage(model, args: CuMoSFTConfig) -> None:
         model.requires_grad_(False)
         backbone.multi_modal_projector.requires_grad_(True)
     elif args.stage == "vit" and (args.upcycle_vision or args.upcycle_projector) and not is_moe:
+        options = {}
+        if args.upcycle_experts_init != "copy":
+            # A checkpoint runs the model code saved with it, which may predate this option
+            if "experts_init" not in inspect.signature(model.upcycle).parameters:
+                raise ValueError(
+                    "upcycle_experts_init='random' needs a checkpoint saved with CuMo-HF's current model code; this "
+                    "one's code predates it. Re-save it (load it, then save_pretrained with this project installed) "
+                    "or copy modeling_cumo/*.py into the checkpoint folder."
+                )
+            options["experts_init"] = args.upcycle_experts_init
         model.upcycle(
             num_experts=args.upcycle_num_experts,
             num_experts_per_tok=args.upcycle_num_experts_per_tok,
             vision=args.upcycle_vision,
             projector=args.upcycle_projector,
-            experts_init=args.upcycle_experts_init,
+            **options,
         )
         logger.info("Upcycled the dense blocks into top-%d-of-%d MoE blocks (experts: %s).",
                     args.upcycle_num_experts_per_tok, args.upcycle_num_experts, args.upcycle_experts_init)
