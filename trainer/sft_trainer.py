@@ -92,8 +92,9 @@ def prepare_stage(model, args: CuMoSFTConfig) -> None:
             if "experts_init" not in inspect.signature(model.upcycle).parameters:
                 raise ValueError(
                     "upcycle_experts_init='random' needs a checkpoint saved with CuMo-HF's current model code; this "
-                    "one's code predates it. Re-save it (load it, then save_pretrained with this project installed) "
-                    "or copy modeling_cumo/*.py into the checkpoint folder."
+                    "one's code predates it. Copy modeling_cumo/*.py into the checkpoint folder, or re-save it with "
+                    "this project's class: modeling_cumo.CuMoForConditionalGeneration.from_pretrained(folder)"
+                    ".save_pretrained(new_folder)."
                 )
             options["experts_init"] = args.upcycle_experts_init
         model.upcycle(
