@@ -51,7 +51,8 @@ def test_reduced_pipeline_learns_far_above_chance(tmp_path):
     assert (tmp_path / "model" / "config.json").is_file() and (tmp_path / "expert_load.png").is_file()
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["vqa_accuracy"] == metrics["vqa_accuracy"] and set(saved["accuracy_per_type"]) == set(world.VQA_TYPES)
-    assert 0 <= saved["description_exact_match"] <= 1  # whole held-out descriptions, not counted in the VQA figure
+    # whole descriptions, one per held-out image, scored apart from the VQA figure
+    assert saved["descriptions"] == budget.heldout_images and 0 <= saved["description_exact_match"] <= 1
     for kind, by_objects in saved["accuracy_per_type_and_objects"].items():  # the per-type figure, split by shapes
         assert set(by_objects) <= {"1", "2", "3"} and min(by_objects.values()) <= saved["accuracy_per_type"][kind] <= max(by_objects.values())
 

@@ -1,5 +1,6 @@
 """The model's invariants: upcycling preserves outputs, a dense CuMo is a LLaVA, experts kernels agree, shapes."""
 
+import dataclasses
 import shutil
 
 import pytest
@@ -261,6 +262,19 @@ def test_outputs_behave_like_model_outputs():
     assert list(output.keys()) == ["logits", "aux_loss", "loss"] and output["loss"] == 3.0
     output.hidden_states = None
     assert "hidden_states" not in output.keys()
+
+
+def test_building_an_output_lists_its_fields_once(monkeypatch):
+    """The decode-speed fix itself: transformers' ModelOutput lists the dataclass fields at every assignment
+    (quadratic in our 13 fields); ours list them once, in __post_init__."""
+    import transformers.utils.generic as generic
+
+    from modeling_cumo.modeling_cumo import CuMoCausalLMOutputWithPast
+
+    calls = []
+    monkeypatch.setattr(generic, "fields", lambda obj: calls.append(1) or dataclasses.fields(obj))
+    CuMoCausalLMOutputWithPast(logits=torch.ones(2), aux_loss=torch.zeros(1))
+    assert len(calls) == 1
 
 
 def test_random_upcycling_initialises_only_the_blocks_it_upcycles():

@@ -119,8 +119,8 @@ def evaluate_model(folder: Path, data: Path) -> dict:
     descriptions = [{"image": row["image"], "type": "describe", "answer": row["conversations"][1]["value"],
                      "question": row["conversations"][0]["value"].replace("<image>\n", "")}
                     for row in json.loads((data / "heldout_instructions.json").read_text()) if "-describe-" in row["id"]]
-    metrics["description_exact_match"] = evaluate.vqa_accuracy(model, processor, descriptions, data,
-                                                               max_new_tokens=48)["vqa_accuracy"]
+    described = evaluate.vqa_accuracy(model, processor, descriptions, data, max_new_tokens=48)
+    metrics["description_exact_match"], metrics["descriptions"] = described["vqa_accuracy"], described["vqa_questions"]
     images = sorted({data / row["image"] for row in heldout})
     metrics["expert_load"] = evaluate.expert_load(model, processor, images)
     metrics["chance_accuracy"] = chance(heldout)
