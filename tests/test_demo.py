@@ -3,9 +3,11 @@
 import json
 import random
 
+import torch
+
 from PIL import Image
 
-from trainer.demo import world
+from trainer.demo import standins, world
 from trainer.demo.pipeline import Budget, build_demo
 
 
@@ -38,6 +40,19 @@ def test_world_questions_have_exactly_one_right_answer(tmp_path):
         words = row["caption"].rstrip(".").split()
         assert words[1] in ("large", "small") and words[2] in world.COLOURS and words[3] in world.SHAPES
         assert Image.open(tmp_path / row["image"]).size == (64, 64)
+
+
+def test_llm_standin_batches_hold_every_token_of_their_texts(tmp_path):
+    texts = ["A large red circle in the top left and a small blue square in the bottom right.", "Yes.",
+             "What colour is the triangle?", "Two."]
+    tokenizer = standins.train_tokenizer(texts, tmp_path / "tokenizer")
+    batches = standins.TextBatches(tokenizer, texts)
+    for index in ([1, 3], [0, 1], [2, 0, 3]):
+        batch = batches[torch.tensor(index)]
+        assert batch["input_ids"].shape[1] == max(len(tokenizer(texts[i], add_special_tokens=False).input_ids) for i in index)
+        for row, i in enumerate(index):  # the text itself, from position 0, and nothing else carries a label
+            assert tokenizer.decode(batch["labels"][row][batch["labels"][row] != -100]) == texts[i]
+            assert batch["attention_mask"][row, 0] == 1 and batch["attention_mask"][row].sum() == (batch["labels"][row] != -100).sum()
 
 
 def test_reduced_pipeline_learns_far_above_chance(tmp_path):

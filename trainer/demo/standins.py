@@ -50,7 +50,7 @@ def train_clip(images: list[Path], captions: list[str], tokenizer, folder: Path,
     )
     model = CLIPModel(config)
     pixels = make_image_processor(image_size)([Image.open(p) for p in images], return_tensors="pt")["pixel_values"]
-    text = tokenizer([c + tokenizer.eos_token for c in captions], padding=True, return_tensors="pt")
+    text = tokenizer([c + tokenizer.eos_token for c in captions], padding=True, padding_side="right", return_tensors="pt")
 
     def loss_of(index):
         return model(input_ids=text["input_ids"][index], attention_mask=text["attention_mask"][index],
@@ -70,16 +70,28 @@ def train_llm(texts: list[str], tokenizer, folder: Path, steps: int, batch_size:
                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                            pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
     model = MistralForCausalLM(config)
-    encoded = tokenizer(texts, padding=True, truncation=True, max_length=256, return_tensors="pt",
-                        add_special_tokens=False)
-    labels = encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)
+    batches = TextBatches(tokenizer, texts)
 
     def loss_of(index):
-        width = int(encoded["attention_mask"][index].sum(1).max())
-        return model(input_ids=encoded["input_ids"][index, :width],
-                     attention_mask=encoded["attention_mask"][index, :width], labels=labels[index, :width]).loss
+        return model(**batches[index]).loss
 
     _fit(model, loss_of, len(texts), steps, batch_size, lr, seed, "LLM stand-in")
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return model
+
+
+class TextBatches:
+    """The corpus tokenized once; `batches[index]` is those texts as a causal-LM batch, cut to the longest of them.
+    Padding goes on the right (the tokenizer pads left, for generation), so a batch's first columns hold all of its
+    tokens and every text starts at position 0, as a chat does."""
+
+    def __init__(self, tokenizer, texts: list[str], max_length: int = 256):
+        self.encoded = tokenizer(texts, padding=True, padding_side="right", truncation=True, max_length=max_length,
+                                 return_tensors="pt", add_special_tokens=False)
+        self.labels = self.encoded["input_ids"].masked_fill(self.encoded["attention_mask"] == 0, -100)
+
+    def __getitem__(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        width = int(self.encoded["attention_mask"][index].sum(1).max())
+        return {"input_ids": self.encoded["input_ids"][index, :width],
+                "attention_mask": self.encoded["attention_mask"][index, :width], "labels": self.labels[index, :width]}
