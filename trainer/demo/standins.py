@@ -1,6 +1,6 @@
 """Stand-ins for the pretrained parts that cannot be downloaded here, trained on the demo world and saved as
 ordinary transformers checkpoints: a small CLIP (contrastive image-text training) and a small Mistral (language
-modelling on the world's text, in the chat format)."""
+modelling on the world's text and on its conversations in the chat format, each with its caption in place of the image)."""
 
 from pathlib import Path
 
@@ -65,8 +65,10 @@ def train_clip(images: list[Path], captions: list[str], tokenizer, folder: Path,
 def train_llm(texts: list[str], tokenizer, folder: Path, steps: int, batch_size: int = 32, lr: float = 2e-3,
               seed: int = 0) -> MistralForCausalLM:
     torch.manual_seed(seed)
-    config = MistralConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-                           num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=512,
+    # 8 heads of 16 and initializer_range 0.1: in text checks, tiny transformers trained from scratch learned
+    # "find the object the question names" in a few hundred steps this way, and not in thousands with the defaults
+    config = MistralConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=8,
+                           num_key_value_heads=4, initializer_range=0.1, vocab_size=len(tokenizer), max_position_embeddings=512,
                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                            pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
     model = MistralForCausalLM(config)
