@@ -79,23 +79,35 @@ def caption(shapes: list[Shape]) -> str:
 
 
 def questions(shapes: list[Shape], rng: random.Random) -> list[tuple[str, str, str]]:
-    """(type, question, answer) for every question type that has one right answer on this image."""
+    """(type, question, answer) for every question type that has one right answer on this image; each question asks
+    about a shape of its own, so that in a conversation of them one question seldom gives another's answer away."""
     present = {(s.colour, s.shape) for s in shapes}
     out = []
     target = rng.choice(shapes)
     if sum(s.shape == target.shape for s in shapes) == 1:
         out.append(("colour", f"What colour is the {target.shape}?", target.colour.capitalize() + "."))
+    target = rng.choice(shapes)
     if sum(s.colour == target.colour for s in shapes) == 1:
         out.append(("shape", f"What shape is the {target.colour} object?", target.shape.capitalize() + "."))
     out.append(("count", "How many shapes are there?", NUMBERS[len(shapes)].capitalize() + "."))
+    target = rng.choice(shapes)
     out.append(("position", f"Where is the {target.colour} {target.shape}?", QUADRANTS[target.quadrant].capitalize() + "."))
     if rng.random() < 0.5:
+        target = rng.choice(shapes)
         colour, shape = target.colour, target.shape
     else:
         colour, shape = rng.choice([(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present])
     out.append(("exists", f"Is there a {colour} {shape}?", "Yes." if (colour, shape) in present else "No."))
     out.append(("describe", "Describe the image.", caption(shapes)))
     return out
+
+
+def conversation(turns: list[tuple[str, str]]) -> list[dict]:
+    """LLaVA-format turns, the image placeholder at the start of the first question."""
+    rows = []
+    for k, (question, answer) in enumerate(turns):
+        rows += [{"from": "human", "value": ("<image>\n" if k == 0 else "") + question}, {"from": "gpt", "value": answer}]
+    return rows
 
 
 def write_split(folder: Path, name: str, samples: int, image_size: int, seed: int) -> dict:
@@ -117,12 +129,17 @@ def write_split(folder: Path, name: str, samples: int, image_size: int, seed: in
             {"from": "human", "value": "<image>\nDescribe the image briefly."},
             {"from": "gpt", "value": caption(shapes)}]})
         qa = questions(shapes, rng)
+        asked = [(question, answer) for kind, question, answer in qa if kind in VQA_TYPES]
+        rng.shuffle(asked)
+        # The short questions in one conversation, in random order: an image's tokens are most of a sample's cost, and
+        # each answer is a lesson in finding the named shape (a fresh LM needs tens of thousands). The description is
+        # a conversation of its own, as it would give every answer away.
+        instructions.append({"id": f"{name}-vqa-{i}", "image": path, "conversations": conversation(asked)})
         for kind, question, answer in qa:
-            # One question per conversation, as evaluated: in a longer chat, earlier answers (a description, "Where is
-            # the red circle?") give later ones away, and the model learns to copy them instead of looking.
-            instructions.append({"id": f"{name}-{kind}-{i}", "image": path, "conversations": [
-                {"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": answer}]})
-            if kind in VQA_TYPES:
+            if kind == "describe":
+                instructions.append({"id": f"{name}-describe-{i}", "image": path,
+                                     "conversations": conversation([(question, answer)])})
+            else:
                 vqa.append({"id": f"{name}-vqa-{i}-{kind}", "image": path, "type": kind, "question": question,
                             "answer": answer, "objects": len(shapes)})
     for suffix, rows in (("captions", captions), ("regions", regions), ("instructions", instructions), ("vqa", vqa)):
