@@ -1,8 +1,8 @@
 """Stand-ins for the pretrained parts that cannot be downloaded here, trained on the demo world and saved as
 ordinary transformers checkpoints: a small CLIP (contrastive image-text training) and a small Mistral (language
 modelling on the world's sentences, each a text of its own: no question-answer chats, as answers without their image
-teach it to ignore its context, and reading practice with the caption in place of the image made it slower to learn to
-read images)."""
+teach it to ignore its context, and in a proxy, reading practice with the caption in place of the image made it slower
+to learn to read images)."""
 
 from pathlib import Path
 
