@@ -104,3 +104,28 @@ def test_sixteen_bit_images_are_scaled_not_clipped():
     assert grey16.mode == "I;16"
     converted = to_rgb_image(grey16)
     assert converted.mode == "RGB" and np.asarray(converted).max() == 128 and np.asarray(converted).min() == 128
+
+
+def test_assistant_mask_marks_the_answers_as_transformers_does(processor, monkeypatch):
+    from transformers.models.llava.processing_llava import LlavaProcessor
+
+    from modeling_cumo import CuMoProcessor
+
+    chat = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the leaf?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Green."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Is it large?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "No."}]},
+    ]
+
+    def masked(proc):
+        out = proc.apply_chat_template([chat, chat[:2]], images=[[Image.new("RGB", (30, 20))]] * 2, tokenize=True,
+                                       return_dict=True, return_assistant_tokens_mask=True, return_tensors="pt",
+                                       padding=True)
+        return out["input_ids"], out["assistant_masks"]
+
+    ids, mask = masked(processor)
+    assert processor.tokenizer.decode(ids[0][mask[0] == 1]).split() == ["Green.", "</s>", "No.", "</s>"]
+    assert processor.tokenizer.decode(ids[1][mask[1] == 1]).split() == ["Green.", "</s>"]
+    monkeypatch.setattr(CuMoProcessor, "_adjust_assistant_masks_indices", LlavaProcessor._adjust_assistant_masks_indices)
+    assert torch.equal(masked(processor)[1], mask)
