@@ -19,7 +19,7 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
 
 
 def llava_record_to_messages(record: dict, image_folder: Path | None) -> dict[str, Any]:
-    """One LLaVA-style record -> `{"id", "messages", "images"}`. As in the original, every `<image>` moves to the
+    """One LLaVA-style record -> `{"id", "messages", "images", "length"}`. As in the original, every `<image>` moves to the
     start of the first user turn; images stay paths (resolved against `image_folder`) until the collator loads them."""
     sample_id = str(record.get("id", ""))
     images = record.get("image") or []
@@ -40,7 +40,10 @@ def llava_record_to_messages(record: dict, image_folder: Path | None) -> dict[st
     if not messages:
         raise ValueError(f"Sample {sample_id!r} has no conversation.")
     folder = Path(image_folder) if image_folder is not None else Path()
-    return {"id": sample_id, "messages": messages, "images": [str(folder / name) for name in images]}
+    # `length` (words, as the original's length grouping counts them) lets `train_sampling_strategy="group_by_length"`
+    # batch short chats together instead of padding them to the longest of a random batch
+    length = sum(len(part["text"].split()) for m in messages for part in m["content"] if part["type"] == "text")
+    return {"id": sample_id, "messages": messages, "images": [str(folder / name) for name in images], "length": length}
 
 
 def load_llava_json(path: str | Path, image_folder: str | Path | None = None,
