@@ -32,23 +32,16 @@ def test_world_questions_have_exactly_one_right_answer(tmp_path):
     image = Image.open(tmp_path / vqa[0]["image"])
     assert image.size == (64, 64) and image.mode == "RGB"
     instructions = json.loads((tmp_path / "train_instructions.json").read_text())
-    assert len(instructions) == 3 * 40  # per image: every short question, each object described, the whole image
+    assert len(instructions) == 2 * 40  # per image: its short questions in one conversation, its description alone
     for row in instructions:
         turns = row["conversations"]
         assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2) and len(turns) >= 2
         assert turns[0]["value"].startswith("<image>\n") and not any("<image>" in t["value"] for t in turns[1:])
-        asked = [(q["value"].replace("<image>\n", ""), a["value"]) for q, a in zip(turns[::2], turns[1::2])]
-        assert len(set(asked)) == len(asked)
-        objects = next(v["objects"] for v in vqa if v["image"] == row["image"])
+        asked = {(q["value"].replace("<image>\n", ""), a["value"]) for q, a in zip(turns[::2], turns[1::2])}
         if "-describe-" in row["id"]:
-            assert len(asked) == 1 and asked[0][0] == "Describe the image."
-        elif "-objects-" in row["id"]:  # each object once, by a name that fits it alone
-            assert len(asked) == objects and len({answer for _, answer in asked}) == objects
-            assert all(q.startswith("Describe the ") and a.startswith("A ") for q, a in asked)
-        else:  # the evaluated questions are among them, and no description (it would give them all away)
-            assert {(v["question"], v["answer"]) for v in vqa if v["image"] == row["image"] and v["type"] != "exists"} <= set(asked)
-            assert sum(a == "Yes." for _, a in asked) == sum(a == "No." for _, a in asked) == objects
-            assert not any(q.startswith("Describe") for q, _ in asked)
+            assert len(asked) == 1 and next(iter(asked))[0] == "Describe the image."
+        else:  # the very questions evaluated on this image, and no description (it would give them all away)
+            assert asked == {(v["question"], v["answer"]) for v in vqa if v["image"] == row["image"]}
     regions = json.loads((tmp_path / "train_regions.json").read_text())
     assert len(regions) > 40
     for row in regions[:10]:
@@ -72,7 +65,7 @@ def test_llm_standin_batches_hold_every_token_of_their_texts(tmp_path):
 
 def test_reduced_pipeline_learns_far_above_chance(tmp_path):
     budget = Budget(train_images=500, heldout_images=60, clip_steps=120, llm_steps=100, pt_steps=30, pft_steps=60,
-                    vit_steps=250)
+                    vit_steps=400)
     metrics = build_demo(tmp_path, budget, seed=0)
     # 280 held-out questions: chance accuracy's spread is about 0.03, so +0.12 is four of them
     assert metrics["vqa_accuracy"] >= metrics["chance_accuracy"] + 0.12, metrics
@@ -101,26 +94,3 @@ def test_ablations_run_all_four_variants_and_keep_only_numbers(tmp_path):
     assert json.loads((tmp_path / "ablations.json").read_text())["variants"].keys() == results.keys()
     assert (tmp_path / "ablations.md").read_text().count("\n|") == len(VARIANTS) + 1
     assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["clip", "data", "init", "llm", "pft", "pt", "tokenizer"]
-
-
-def test_every_question_and_object_descriptions_answer_from_the_scene():
-    rng = random.Random(1)
-    for _ in range(200):
-        _, shapes = world.sample_scene(rng)
-        by_pair = {(s.colour, s.shape): s for s in shapes}
-        for question, answer in world.every_question(shapes, rng):
-            words = question.rstrip("?").split()
-            if question.startswith("What colour is the "):
-                assert [s.colour.capitalize() + "." for s in shapes if s.shape == words[-1]] == [answer]
-            elif question.startswith("What shape is the "):
-                assert [s.shape.capitalize() + "." for s in shapes if s.colour == words[-2]] == [answer]
-            elif question.startswith("Where is the "):
-                assert world.QUADRANTS[by_pair[(words[-2], words[-1])].quadrant].capitalize() + "." == answer
-            elif question.startswith("Is there a "):
-                assert answer == ("Yes." if (words[-2], words[-1]) in by_pair else "No.")
-            else:
-                assert question == "How many shapes are there?" and answer == world.NUMBERS[len(shapes)].capitalize() + "."
-        for question, answer in world.object_descriptions(shapes, rng):
-            name = question.removeprefix("Describe the ").rstrip(".")
-            named = [s for s in shapes if name in (s.shape, f"{s.colour} object", f"object in the {world.QUADRANTS[s.quadrant]}")]
-            assert len(named) == 1 and answer == f"A {named[0].words()} in the {world.QUADRANTS[named[0].quadrant]}."
