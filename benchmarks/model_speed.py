@@ -67,16 +67,19 @@ def build(config_name, device, dtype):
     image_token = spec["text"].get("vocab_size", 32000) - 1
     common = dict(vision_config=spec["vision"], text_config=dict(model_type="mistral", **spec["text"]), scales=[1, 3],
                   image_token_id=image_token)
-    dense = CuMoForConditionalGeneration(CuMoConfig(vision_num_experts=0, projector_num_experts=0, **common))
-    moe = CuMoForConditionalGeneration(CuMoConfig(vision_num_experts=0, projector_num_experts=0, **common))
-    moe.load_state_dict(dense.state_dict())
-    moe.upcycle(4, 2)
     llava_config = LlavaConfig(vision_config=spec["vision"], text_config=dict(model_type="mistral", **spec["text"]),
                                image_token_id=image_token)
-    llava = LlavaForConditionalGeneration(llava_config)
-    llm = MistralForCausalLM(MistralConfig(**spec["text"]))
-    models = {"cumo_moe": moe, "cumo_dense": dense, "llava": llava, "llm": llm}
-    return {name: m.to(device, dtype).eval() for name, m in models.items()}, image_token
+    # each model is built on the device and cast before the next one is built: four fp32 7B models would not fit
+    # in host memory, and initialising them on the CPU takes minutes
+    with torch.device(device):
+        dense = CuMoForConditionalGeneration(CuMoConfig(vision_num_experts=0, projector_num_experts=0, **common))
+        moe = CuMoForConditionalGeneration(CuMoConfig(vision_num_experts=0, projector_num_experts=0, **common))
+        moe.load_state_dict(dense.state_dict())
+        moe.upcycle(4, 2)
+        models = {"cumo_moe": moe.to(dtype), "cumo_dense": dense.to(dtype),
+                  "llava": LlavaForConditionalGeneration(llava_config).to(dtype),
+                  "llm": MistralForCausalLM(MistralConfig(**spec["text"])).to(dtype)}
+    return {name: m.eval() for name, m in models.items()}, image_token
 
 
 def main(argv=None):
@@ -147,6 +150,7 @@ def main(argv=None):
             model(input_ids=batch, pixel_values=pixels, labels=batch).loss.backward()
 
         results[f"train_step_{name}_s"] = timed(step, args.repeats, args.device)
+        model.zero_grad(set_to_none=True)  # the gradients of a 7B model would stay on the GPU
         model.eval()
     results["train_moe_over_dense"] = results["train_step_moe_s"] / results["train_step_dense_s"]
 
