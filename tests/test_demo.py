@@ -50,6 +50,25 @@ def test_world_questions_have_exactly_one_right_answer(tmp_path):
         assert Image.open(tmp_path / row["image"]).size == (64, 64)
 
 
+def test_reading_practice_answers_follow_the_caption_it_puts_in_place_of_the_image():
+    chats = world.reading_practice(60, seed=5)
+    assert chats == world.reading_practice(60, seed=5) and chats != world.reading_practice(60, seed=6)
+    for chat in chats:
+        assert [m["role"] for m in chat] == ["user", "assistant"] * (len(chat) // 2) and len(chat) >= 6
+        caption, first_question = chat[0]["content"].split("\n")
+        assert all("\n" not in m["content"] for m in chat[1:])  # the caption is read once, where the image will be
+        objects = caption.lower().count(" in the ")
+        for question, answer in zip((first_question, *(m["content"] for m in chat[2::2])), (m["content"] for m in chat[1::2])):
+            if question.startswith("How many"):
+                assert answer == world.NUMBERS[objects].capitalize() + "."
+            if question.startswith("Is there a "):  # "Yes." exactly when the caption names that colour and shape
+                named = question[len("Is there a "):-1]
+                assert (answer == "Yes.") == (f"{named} in the " in caption.lower().replace("large ", "").replace("small ", ""))
+            if question.startswith("Where is the "):
+                named = question[len("Where is the "):-1]
+                assert f"{named} in the {answer.rstrip('.').lower()}" in caption.lower().replace("large ", "").replace("small ", "")
+
+
 def test_llm_standin_batches_hold_every_token_of_their_texts(tmp_path):
     texts = ["A large red circle in the top left and a small blue square in the bottom right.", "Yes.",
              "What colour is the triangle?", "Two."]

@@ -64,7 +64,10 @@ def train_clip(images: list[Path], captions: list[str], tokenizer, folder: Path,
     return model
 
 
-def train_llm(texts: list[str], tokenizer, folder: Path, steps: int, batch_size: int = 32, lr: float = 2e-3,
+LLM_BATCH_SIZE = 32
+
+
+def train_llm(texts: list[str], tokenizer, folder: Path, steps: int, batch_size: int = LLM_BATCH_SIZE, lr: float = 2e-3,
               seed: int = 0) -> MistralForCausalLM:
     torch.manual_seed(seed)
     # 8 heads of 16 and initializer_range 0.1: in text checks, tiny transformers trained from scratch learned

@@ -148,6 +148,24 @@ def write_split(folder: Path, name: str, samples: int, image_size: int, seed: in
     return {"images": samples, "vqa_questions": len(vqa)}
 
 
+def reading_practice(count: int, seed: int) -> list[list[dict]]:
+    """Text-only chats for the language model's pre-training: a scene's caption where the image will be, then its
+    questions in random order. Finding the object a question names is a lookup the LLM stand-in learns far faster in
+    text; the image tokens later take the caption's place (docs/demo_experiments.md)."""
+    rng = random.Random(f"{seed}-reading")
+    chats = []
+    for _ in range(count):
+        _, shapes = sample_scene(rng)
+        asked = [(question, answer) for kind, question, answer in questions(shapes, rng) if kind in VQA_TYPES]
+        rng.shuffle(asked)
+        messages = []
+        for i, (question, answer) in enumerate(asked):
+            messages += [{"role": "user", "content": (caption(shapes) + "\n" if i == 0 else "") + question},
+                         {"role": "assistant", "content": answer}]
+        chats.append(messages)
+    return chats
+
+
 def corpus(folder: Path, name: str) -> list[str]:
     """All sentences of a split, for the tokenizer and the language model's pre-training."""
     texts = []
