@@ -1,8 +1,8 @@
 """Stand-ins for the pretrained parts that cannot be downloaded here, trained on the demo world and saved as
 ordinary transformers checkpoints: a small CLIP (contrastive image-text training) and a small Mistral (language
-modelling on the world's sentences, each a text of its own: no question-answer chats, as answers without their image
-teach it to ignore its context, and in a proxy, reading practice with the caption in place of the image made it slower
-to learn to read images)."""
+modelling on the texts it is given: the demo gives it question chats with the scene's caption in the image's place,
+`world.reading_practice`; a 2026-12-03 proxy had found such reading slower, but whole demo runs gain from it:
+docs/demo_experiments.md)."""
 
 from pathlib import Path
 

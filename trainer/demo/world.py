@@ -167,7 +167,7 @@ def reading_practice(count: int, seed: int) -> list[list[dict]]:
 
 
 def corpus(folder: Path, name: str) -> list[str]:
-    """All sentences of a split, for the tokenizer and the language model's pre-training."""
+    """All sentences of a split, for training the tokenizer."""
     texts = []
     for suffix in ("captions", "instructions"):
         for row in json.loads((folder / f"{name}_{suffix}.json").read_text()):
