@@ -83,8 +83,9 @@ def test_llm_standin_batches_hold_every_token_of_their_texts(tmp_path):
 
 
 def test_reduced_pipeline_learns_far_above_chance(tmp_path):
-    budget = Budget(train_images=500, heldout_images=60, clip_steps=120, llm_steps=100, pt_steps=30, pft_steps=60,
-                    vit_steps=400)
+    # about 2 minutes on 2 CPU cores; on 2026-12-04 this budget gave 0.60 against a chance level of 0.40 (vit 300: the same)
+    budget = Budget(train_images=500, heldout_images=60, clip_steps=120, llm_steps=60, pt_steps=30, pft_steps=60,
+                    vit_steps=200)
     metrics = build_demo(tmp_path, budget, seed=0)
     # 280 held-out questions: chance accuracy's spread is about 0.03, so +0.12 is four of them
     assert metrics["vqa_accuracy"] >= metrics["chance_accuracy"] + 0.12, metrics
