@@ -28,7 +28,7 @@ class Budget:
 
 
 # pft 300 steps: after vit, descriptions are right for 0.95 of the held-out images against 0.99 with 900 (VQA the
-# same), and the LLM stand-in's reading takes those 3 minutes; vit's 1200 steps keep the run within 15 minutes.
+# same), and the LLM stand-in's reading takes about 2 minutes more; vit's 1200 steps keep the run within 15 minutes.
 FULL = Budget(train_images=3000, heldout_images=200, clip_steps=800, llm_steps=400, pt_steps=150, pft_steps=300,
               vit_steps=1200)
 QUICK = Budget(train_images=800, heldout_images=60, clip_steps=200, llm_steps=150, pt_steps=60, pft_steps=60,
