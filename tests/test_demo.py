@@ -57,16 +57,14 @@ def test_reading_practice_answers_follow_the_caption_it_puts_in_place_of_the_ima
         assert [m["role"] for m in chat] == ["user", "assistant"] * (len(chat) // 2) and len(chat) >= 6
         caption, first_question = chat[0]["content"].split("\n")
         assert all("\n" not in m["content"] for m in chat[1:])  # the caption is read once, where the image will be
-        objects = caption.lower().count(" in the ")
+        named = caption.lower().replace("large ", "").replace("small ", "")  # "a red circle in the top left, ..."
         for question, answer in zip((first_question, *(m["content"] for m in chat[2::2])), (m["content"] for m in chat[1::2])):
             if question.startswith("How many"):
-                assert answer == world.NUMBERS[objects].capitalize() + "."
+                assert answer == world.NUMBERS[named.count(" in the ")].capitalize() + "."
             if question.startswith("Is there a "):  # "Yes." exactly when the caption names that colour and shape
-                named = question[len("Is there a "):-1]
-                assert (answer == "Yes.") == (f"{named} in the " in caption.lower().replace("large ", "").replace("small ", ""))
+                assert (answer == "Yes.") == (f"{question[len('Is there a '):-1]} in the " in named)
             if question.startswith("Where is the "):
-                named = question[len("Where is the "):-1]
-                assert f"{named} in the {answer.rstrip('.').lower()}" in caption.lower().replace("large ", "").replace("small ", "")
+                assert f"{question[len('Where is the '):-1]} in the {answer.rstrip('.').lower()}" in named
 
 
 def test_llm_standin_batches_hold_every_token_of_their_texts(tmp_path):
