@@ -7,7 +7,7 @@ import torch
 
 from PIL import Image
 
-from trainer.demo import standins, world
+from trainer.demo import probe, standins, world
 from trainer.demo.pipeline import Budget, build_demo
 
 
@@ -67,6 +67,13 @@ def test_reading_practice_answers_follow_the_caption_it_puts_in_place_of_the_ima
                 assert f"{question[len('Where is the '):-1]} in the {answer.rstrip('.').lower()}" in named
 
 
+def test_parse_caption_reads_back_every_scene():
+    rng = random.Random(3)
+    for _ in range(200):
+        _, shapes = world.sample_scene(rng)
+        assert world.parse_caption(world.caption(shapes)) == shapes
+
+
 def test_llm_standin_batches_hold_every_token_of_their_texts(tmp_path):
     texts = ["A large red circle in the top left and a small blue square in the bottom right.", "Yes.",
              "What colour is the triangle?", "Two."]
@@ -96,6 +103,11 @@ def test_reduced_pipeline_learns_far_above_chance(tmp_path):
     assert saved["descriptions"] == budget.heldout_images and 0 <= saved["description_exact_match"] <= 1
     for kind, by_objects in saved["accuracy_per_type_and_objects"].items():  # the per-type figure, split by shapes
         assert set(by_objects) <= {"1", "2", "3"} and min(by_objects.values()) <= saved["accuracy_per_type"][kind] <= max(by_objects.values())
+    # the image tokens under an object say its colour (read from pixels at every budget); a probe fed misaligned
+    # tokens and labels would score the majority class
+    facts = probe.run_probes(tmp_path / "model", tmp_path / "work" / "data", train_images=200, heldout_images=60)
+    assert facts["colour"]["probe_accuracy"] >= facts["colour"]["majority_class"] + 0.4, facts
+    assert all(0 <= facts[fact]["probe_accuracy"] <= 1 for fact in probe.FACTS)
 
 
 def test_ablations_run_all_four_variants_and_keep_only_numbers(tmp_path):

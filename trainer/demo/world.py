@@ -6,6 +6,7 @@ has exactly one right answer. Question types: colour, shape, count, position, ex
 
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,6 +77,13 @@ def caption(shapes: list[Shape]) -> str:
     parts = [f"a {s.words()} in the {QUADRANTS[s.quadrant]}" for s in shapes]
     text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     return text[0].upper() + text[1:] + "."
+
+
+def parse_caption(text: str) -> list[Shape]:
+    """The shapes a caption names, the inverse of `caption`: lets tools read the scene of any saved image."""
+    pattern = rf"(large|small) ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)}) in the ({'|'.join(QUADRANTS)})"
+    return [Shape(colour, shape, size == "large", QUADRANTS.index(where))
+            for size, colour, shape, where in re.findall(pattern, text.lower())]
 
 
 def questions(shapes: list[Shape], rng: random.Random) -> list[tuple[str, str, str]]:
