@@ -158,8 +158,9 @@ def write_split(folder: Path, name: str, samples: int, image_size: int, seed: in
 
 def reading_practice(count: int, seed: int) -> list[list[dict]]:
     """Text-only chats for the language model's pre-training: a scene's caption where the image will be, then its
-    questions in random order. Finding the object a question names is a lookup the LLM stand-in learns far faster in
-    text; the image tokens later take the caption's place (docs/demo_experiments.md)."""
+    questions in random order. The LLM stand-in learns to find the object a question names in a caption first, and
+    the image tokens later take the caption's place (docs/demo_experiments.md: it helps, but the lookup stays the
+    demo's weak point, in text too)."""
     rng = random.Random(f"{seed}-reading")
     chats = []
     for _ in range(count):
