@@ -7,7 +7,7 @@ import torch
 
 from PIL import Image
 
-from trainer.demo import probe, standins, world
+from trainer.demo import attention, probe, standins, world
 from trainer.demo.pipeline import Budget, build_demo
 
 
@@ -48,6 +48,34 @@ def test_world_questions_have_exactly_one_right_answer(tmp_path):
         words = row["caption"].rstrip(".").split()
         assert words[1] in ("large", "small") and words[2] in world.COLOURS and words[3] in world.SHAPES
         assert Image.open(tmp_path / row["image"]).size == (64, 64)
+
+
+def test_asked_object_is_the_one_whose_attribute_answers_the_question():
+    rng = random.Random(4)
+    checked = 0
+    for _ in range(300):
+        _, shapes = world.sample_scene(rng)
+        for kind, question, answer in world.questions(shapes, rng):
+            target = world.asked_object(kind, question, shapes)
+            if kind in ("count", "exists", "describe"):
+                assert target is None
+                continue
+            fact = {"colour": target.colour, "shape": target.shape, "position": world.QUADRANTS[target.quadrant]}[kind]
+            assert answer == fact.capitalize() + "."
+            checked += 1
+    assert checked > 600
+
+
+def test_attention_selectivity_is_zero_for_an_even_look_and_one_for_the_asked_object_alone():
+    quadrant_of = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    even = torch.full((8,), 0.1)  # 0.8 of the attention on the image, spread evenly
+    assert attention.selectivity(even, quadrant_of, target=1, others=[2, 3]).abs() < 1e-6
+    only_target = torch.tensor([0, 0, 0.3, 0.2, 0, 0, 0, 0])
+    assert torch.isclose(attention.selectivity(only_target, quadrant_of, target=1, others=[0]), torch.tensor(1.0))
+    wrong = torch.tensor([0.25, 0.25, 0, 0, 0, 0, 0.25, 0.25])  # on the other two objects, none on the asked one
+    assert torch.isclose(attention.selectivity(wrong, quadrant_of, target=1, others=[0, 3]), torch.tensor(-0.5))
+    batched = torch.stack([even, only_target])  # (heads, image tokens) at once
+    assert torch.allclose(attention.selectivity(batched, quadrant_of, 1, [0]), torch.tensor([0.0, 1.0]), atol=1e-6)
 
 
 def test_reading_practice_answers_follow_the_caption_it_puts_in_place_of_the_image():
@@ -108,6 +136,9 @@ def test_reduced_pipeline_learns_far_above_chance(tmp_path):
     facts = probe.run_probes(tmp_path / "model", tmp_path / "work" / "data", train_images=200, heldout_images=60)
     assert facts["colour"]["probe_accuracy"] >= facts["colour"]["majority_class"] + 0.4, facts
     assert all(0 <= facts[fact]["probe_accuracy"] <= 1 for fact in probe.FACTS)
+    looks = attention.measure(tmp_path / "model", tmp_path / "work" / "data", questions=12)
+    assert looks["questions"] == 12 and len(looks["layers"]) == 4  # the LLM stand-in's layers
+    assert all(-1 <= layer["question_best"]["selectivity"] <= 1 for layer in looks["layers"])
 
 
 def test_ablations_run_all_four_variants_and_keep_only_numbers(tmp_path):

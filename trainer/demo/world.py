@@ -110,6 +110,21 @@ def questions(shapes: list[Shape], rng: random.Random) -> list[tuple[str, str, s
     return out
 
 
+def asked_object(kind: str, question: str, shapes: list[Shape]) -> Shape | None:
+    """The object a colour, shape or position question names (the inverse of `questions` for those types); None for
+    the types that name none, or an object not in `shapes`."""
+    words = question.rstrip("?").lower().split()
+    if kind == "colour":
+        match = [s for s in shapes if s.shape == words[-1]]
+    elif kind == "shape":
+        match = [s for s in shapes if s.colour == words[-2]]
+    elif kind == "position":
+        match = [s for s in shapes if (s.colour, s.shape) == (words[-2], words[-1])]
+    else:
+        match = []
+    return match[0] if len(match) == 1 else None
+
+
 def conversation(turns: list[tuple[str, str]]) -> list[dict]:
     """LLaVA-format turns, the image placeholder at the start of the first question."""
     rows = []
