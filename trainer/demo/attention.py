@@ -40,12 +40,13 @@ def measure(model_folder: Path, data: Path, questions: int = 150) -> dict:
     image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
     scenes = {row["image"]: world.parse_caption(row["conversations"][1]["value"])
               for row in json.loads((data / "heldout_captions.json").read_text())}
-    rows = [row for row in json.loads((data / "heldout_vqa.json").read_text())
-            if row["type"] in ("colour", "shape", "position") and len(scenes[row["image"]]) > 1][:questions]
+    asked = [(row, scenes[row["image"]], world.asked_object(row["type"], row["question"], scenes[row["image"]]))
+             for row in json.loads((data / "heldout_vqa.json").read_text()) if len(scenes[row["image"]]) > 1]
+    asked = [(row, shapes, target) for row, shapes, target in asked if target is not None][:questions]
+    if not asked:
+        raise ValueError(f"{data} has no held-out colour, shape or position questions on images with 2-3 shapes.")
     total = None
-    for row in rows:
-        shapes = scenes[row["image"]]
-        target = world.asked_object(row["type"], row["question"], shapes)
+    for row, shapes, target in asked:
         prompt = processor.apply_chat_template(
             [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": row["question"]}]}],
             add_generation_prompt=True)
@@ -57,7 +58,7 @@ def measure(model_folder: Path, data: Path, questions: int = 150) -> dict:
         on_image = torch.stack([layer[0, :, -QUESTION_TOKENS:][..., image] for layer in attentions])
         found = selectivity(on_image, quadrant_of, target.quadrant, [s.quadrant for s in shapes if s != target])
         total = found if total is None else total + found
-    mean = total / len(rows)  # (layers, heads, last QUESTION_TOKENS prompt positions)
+    mean = total / len(asked)  # (layers, heads, last QUESTION_TOKENS prompt positions)
     layers = []
     for layer in mean:
         head, offset = divmod(int(layer.argmax()), layer.shape[1])
@@ -66,7 +67,7 @@ def measure(model_folder: Path, data: Path, questions: int = 150) -> dict:
                        "answer_position_mean_over_heads": layer[:, -1].mean().item(),
                        "question_best": {"head": head, "tokens_before_answer": layer.shape[1] - 1 - offset,
                                          "selectivity": layer.max().item()}})
-    return {"questions": len(rows), "layers": layers}
+    return {"questions": len(asked), "layers": layers}
 
 
 def main(argv=None):
@@ -75,6 +76,8 @@ def main(argv=None):
     parser.add_argument("--output", type=Path, required=True, help="a `cumo-demo` folder (its model/ and work/data/)")
     parser.add_argument("--questions", type=int, default=150, help="held-out questions to average over")
     args = parser.parse_args(argv)
+    if args.questions < 1:
+        parser.error("--questions must be at least 1")
     report = measure(args.output / "model", args.output / "work" / "data", args.questions)
     (args.output / "attention.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"Selectivity for the asked object, {report['questions']} held-out questions on 2-3-shape images:")
