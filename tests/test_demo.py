@@ -67,6 +67,7 @@ def test_asked_object_is_the_one_whose_attribute_answers_the_question():
 
 
 def test_attention_selectivity_is_zero_for_an_even_look_and_one_for_the_asked_object_alone():
+    assert world.token_quadrants(16) == [0, 0, 1, 1] * 2 + [2, 2, 3, 3] * 2  # a 4x4 grid, row-major
     quadrant_of = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
     even = torch.full((8,), 0.1)  # 0.8 of the attention on the image, spread evenly
     assert attention.selectivity(even, quadrant_of, target=1, others=[2, 3]).abs() < 1e-6

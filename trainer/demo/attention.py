@@ -53,8 +53,7 @@ def measure(model_folder: Path, data: Path, questions: int = 150) -> dict:
         inputs = processor(images=[Image.open(data / row["image"])], text=[prompt], return_tensors="pt")
         attentions = model(**inputs, output_attentions=True).attentions  # per layer: (1, heads, queries, keys)
         image = (inputs["input_ids"][0] == image_token).nonzero()[:, 0]
-        grid = int(len(image) ** 0.5)
-        quadrant_of = torch.tensor([(t // grid >= grid // 2) * 2 + (t % grid >= grid // 2) for t in range(len(image))])
+        quadrant_of = torch.tensor(world.token_quadrants(len(image)))
         on_image = torch.stack([layer[0, :, -QUESTION_TOKENS:][..., image] for layer in attentions])
         found = selectivity(on_image, quadrant_of, target.quadrant, [s.quadrant for s in shapes if s != target])
         total = found if total is None else total + found

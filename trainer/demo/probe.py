@@ -31,8 +31,7 @@ def object_tokens(model, processor, data: Path, split: str, images: int) -> tupl
         batch = rows[start : start + 32]
         pixels = processor.image_processor([Image.open(data / row["image"]) for row in batch], return_tensors="pt")
         projected = model.get_image_features(pixels["pixel_values"]).pooler_output  # (images, grid * grid, hidden)
-        grid = int(projected.shape[1] ** 0.5)
-        quadrant_of = [(t // grid >= grid // 2) * 2 + (t % grid >= grid // 2) for t in range(grid * grid)]
+        quadrant_of = world.token_quadrants(projected.shape[1])
         for features, row in zip(projected, batch):
             shapes = {shape.quadrant: shape for shape in world.parse_caption(row["conversations"][1]["value"])}
             for t, quadrant in enumerate(quadrant_of):

@@ -110,6 +110,12 @@ def questions(shapes: list[Shape], rng: random.Random) -> list[tuple[str, str, s
     return out
 
 
+def token_quadrants(tokens: int) -> list[int]:
+    """The quadrant (an index into QUADRANTS) of each image token of a square grid, in the tokens' row-major order."""
+    grid = int(tokens ** 0.5)
+    return [(t // grid >= grid // 2) * 2 + (t % grid >= grid // 2) for t in range(tokens)]
+
+
 def asked_object(kind: str, question: str, shapes: list[Shape]) -> Shape | None:
     """The object a colour, shape or position question names (the inverse of `questions` for those types); None for
     the types that name none, or an object not in `shapes`."""
