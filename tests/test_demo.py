@@ -4,9 +4,9 @@ import json
 import random
 
 import torch
-
 from PIL import Image
 
+from modeling_cumo.processing_cumo import CHAT_TEMPLATE, PLAIN_CHAT_TEMPLATE
 from trainer.demo import attention, probe, standins, world
 from trainer.demo.pipeline import Budget, build_demo
 
@@ -79,21 +79,32 @@ def test_attention_selectivity_is_zero_for_an_even_look_and_one_for_the_asked_ob
     assert torch.allclose(attention.selectivity(batched, quadrant_of, 1, [0]), torch.tensor([0.0, 1.0]), atol=1e-6)
 
 
-def test_reading_practice_answers_follow_the_caption_it_puts_in_place_of_the_image():
-    chats = world.reading_practice(60, seed=5)
-    assert chats == world.reading_practice(60, seed=5) and chats != world.reading_practice(60, seed=6)
-    for chat in chats:
-        assert [m["role"] for m in chat] == ["user", "assistant"] * (len(chat) // 2) and len(chat) >= 6
-        caption, first_question = chat[0]["content"].split("\n")
-        assert all("\n" not in m["content"] for m in chat[1:])  # the caption is read once, where the image will be
-        named = caption.lower().replace("large ", "").replace("small ", "")  # "a red circle in the top left, ..."
-        for question, answer in zip((first_question, *(m["content"] for m in chat[2::2])), (m["content"] for m in chat[1::2])):
+def test_scene_chats_answer_about_the_scene_they_carry():
+    chats = world.scene_chats(90, seed=5)
+    assert chats == world.scene_chats(90, seed=5) and chats != world.scene_chats(90, seed=6)
+    assert 15 <= sum(plain for _, _, plain in chats) <= 45  # about one in three is a plain caption
+    for shapes, messages, plain in chats:
+        assert messages[0]["content"][0] == {"type": "image"} and all(m["content"][0]["type"] == "text" for m in messages[2::2])
+        answers = [m["content"] for m in messages[1::2]]
+        if plain:
+            assert answers == [world.caption(shapes)]
+            continue
+        present = {(s.colour, s.shape): s for s in shapes}
+        for question, answer in zip((m["content"][-1]["text"] for m in messages[::2]), answers):
             if question.startswith("How many"):
-                assert answer == world.NUMBERS[named.count(" in the ")].capitalize() + "."
-            if question.startswith("Is there a "):  # "Yes." exactly when the caption names that colour and shape
-                assert (answer == "Yes.") == (f"{question[len('Is there a '):-1]} in the " in named)
+                assert answer == world.NUMBERS[len(shapes)].capitalize() + "."
+            if question.startswith("Is there a "):
+                assert (answer == "Yes.") == (tuple(question[len("Is there a "):-1].split()) in present)
             if question.startswith("Where is the "):
-                assert f"{question[len('Where is the '):-1]} in the {answer.rstrip('.').lower()}" in named
+                assert answer == world.QUADRANTS[present[tuple(question[len("Where is the "):-1].split())].quadrant].capitalize() + "."
+
+
+def test_scene_words_put_each_object_in_the_tokens_of_its_quadrant():
+    shapes = [world.Shape("red", "circle", True, 0), world.Shape("blue", "square", False, 3)]
+    words = world.scene_words(shapes, 16)  # a 4 x 4 grid: quadrant 0 is tokens 0, 1, 4, 5
+    assert words[0] == words[5] == ["large", "red", "circle", "top", "left"]
+    assert words[15] == words[10] == ["small", "blue", "square", "bottom", "right"]
+    assert words[2] == words[8] == []
 
 
 def test_parse_caption_reads_back_every_scene():
@@ -103,17 +114,30 @@ def test_parse_caption_reads_back_every_scene():
         assert world.parse_caption(world.caption(shapes)) == shapes
 
 
-def test_llm_standin_batches_hold_every_token_of_their_texts(tmp_path):
-    texts = ["A large red circle in the top left and a small blue square in the bottom right.", "Yes.",
-             "What colour is the triangle?", "Two."]
+def test_llm_standin_scene_batches_put_the_scene_words_where_the_image_is(tmp_path):
+    chats = world.scene_chats(6, seed=1)
+    texts = [world.caption(shapes) for shapes, _, _ in chats] + [m["content"] if isinstance(m["content"], str) else
+                                                                 m["content"][-1]["text"] for _, ms, _ in chats for m in ms]
     tokenizer = standins.train_tokenizer(texts, tmp_path / "tokenizer")
-    batches = standins.TextBatches(tokenizer, texts)
-    for index in ([1, 3], [0, 1], [2, 0, 3]):
-        batch = batches[torch.tensor(index)]
-        assert batch["input_ids"].shape[1] == max(len(tokenizer(texts[i], add_special_tokens=False).input_ids) for i in index)
-        for row, i in enumerate(index):  # the text itself, from position 0, and nothing else carries a label
-            assert tokenizer.decode(batch["labels"][row][batch["labels"][row] != -100]) == texts[i]
-            assert batch["attention_mask"][row, 0] == 1 and batch["attention_mask"][row].sum() == (batch["labels"][row] != -100).sum()
+    scenes = standins.SceneBatches(tokenizer, chats, image_tokens=16)
+    embeddings = torch.nn.Embedding(len(tokenizer), 8)
+    index = torch.tensor([4, 0, 2])
+    batch = scenes.batch(index, embeddings)
+    assert batch["inputs_embeds"].shape[:2] == batch["labels"].shape == batch["attention_mask"].shape
+    for row, i in enumerate(index.tolist()):
+        shapes, messages, plain = chats[i]
+        template = PLAIN_CHAT_TEMPLATE if plain else CHAT_TEMPLATE
+        ids = torch.tensor(tokenizer.apply_chat_template(messages, chat_template=template, return_dict=True)["input_ids"])
+        at = int((ids == tokenizer.convert_tokens_to_ids("<image>")).nonzero()[0])
+        length = len(ids) - 1 + 16
+        assert batch["attention_mask"][row].sum() == length and batch["attention_mask"][row, 0] == 1  # padded on the right
+        assert torch.equal(batch["inputs_embeds"][row, :at], embeddings(ids[:at]))
+        for t, words in enumerate(world.scene_words(shapes, 16)):  # each image token: the sum of its words
+            expected = sum((embeddings.weight[tokenizer.convert_tokens_to_ids("Ġ" + w)] for w in words), torch.zeros(8))
+            assert torch.allclose(batch["inputs_embeds"][row, at + t], expected)
+        assert torch.equal(batch["inputs_embeds"][row, at + 16:length], embeddings(ids[at + 1:]))
+        labelled = tokenizer.decode(batch["labels"][row][batch["labels"][row] != -100])  # the answers, and only they
+        assert labelled.replace("</s>", "").split() == " ".join(m["content"] for m in messages[1::2]).split()
 
 
 def test_reduced_pipeline_learns_far_above_chance(tmp_path):

@@ -1,8 +1,7 @@
 """Stand-ins for the pretrained parts that cannot be downloaded here, trained on the demo world and saved as
 ordinary transformers checkpoints: a small CLIP (contrastive image-text training) and a small Mistral (language
-modelling on the texts it is given: the demo gives it question chats with the scene's caption in the image's place,
-`world.reading_practice`; a 2026-12-03 proxy had found such reading slower, but whole demo runs gain from it:
-docs/demo_experiments.md)."""
+modelling on chats about scenes whose image is given in the world's own words, `SceneBatches`: what the lookup "find
+the object the question names" needs, learned before any image is seen; docs/demo_experiments.md)."""
 
 from pathlib import Path
 
@@ -12,7 +11,8 @@ from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPModel, MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
 
 from hub_upload.random_checkpoint import make_tokenizer
-from modeling_cumo.processing_cumo import CHAT_TEMPLATE, make_image_processor
+from modeling_cumo.processing_cumo import CHAT_TEMPLATE, PLAIN_CHAT_TEMPLATE, make_image_processor
+from trainer.demo import world
 
 
 def train_tokenizer(texts: list[str], folder: Path) -> PreTrainedTokenizerFast:
@@ -51,6 +51,9 @@ def train_clip(images: list[Path], captions: list[str], tokenizer, folder: Path,
         projection_dim=64,
     )
     model = CLIPModel(config)
+    # Position embeddings at std 1, not CLIP's 0.02: the patch tokens then say which quadrant they are in (a probe
+    # reads it at 0.83 against 0.30), which position answers need once the LLM can find the asked object
+    torch.nn.init.normal_(model.vision_model.embeddings.position_embedding.weight, std=1.0)
     pixels = make_image_processor(image_size)([Image.open(p) for p in images], return_tensors="pt")["pixel_values"]
     text = tokenizer([c + tokenizer.eos_token for c in captions], padding=True, padding_side="right", return_tensors="pt")
 
@@ -67,38 +70,79 @@ def train_clip(images: list[Path], captions: list[str], tokenizer, folder: Path,
 LLM_BATCH_SIZE = 32
 
 
-def train_llm(texts: list[str], tokenizer, folder: Path, steps: int, batch_size: int = LLM_BATCH_SIZE, lr: float = 2e-3,
-              seed: int = 0) -> MistralForCausalLM:
+def train_llm(scenes: "SceneBatches", tokenizer, folder: Path, steps: int, batch_size: int = LLM_BATCH_SIZE,
+              lr: float = 5e-3, seed: int = 0) -> MistralForCausalLM:
     torch.manual_seed(seed)
-    # 8 heads of 16 and initializer_range 0.1: in text checks, tiny transformers trained from scratch learned
-    # "find the object the question names" in a few hundred steps this way, and not in thousands with the defaults
+    # 8 heads of 16 and initializer_range 0.1: tiny transformers learn lookups faster than with the defaults;
+    # rope_theta 1e6 as Mistral-7B-v0.2
     config = MistralConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=8,
-                           num_key_value_heads=4, initializer_range=0.1, vocab_size=len(tokenizer), max_position_embeddings=512,
-                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                           pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+                           num_key_value_heads=4, initializer_range=0.1, rope_theta=1e6, vocab_size=len(tokenizer),
+                           max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
+                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                           tie_word_embeddings=False)
     model = MistralForCausalLM(config)
-    batches = TextBatches(tokenizer, texts)
+    start_attention_as_similarity(model)
 
     def loss_of(index):
-        return model(**batches[index]).loss
+        return model(**scenes.batch(index, model.get_input_embeddings())).loss
 
-    _fit(model, loss_of, len(texts), steps, batch_size, lr, seed, "LLM stand-in")
+    _fit(model, loss_of, len(scenes), steps, batch_size, lr, seed, "LLM stand-in")
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return model
 
 
-class TextBatches:
-    """The corpus tokenized once; `batches[index]` is those texts as a causal-LM batch, cut to the longest of them.
-    Padding goes on the right (the tokenizer pads left, for generation), so a batch's first columns hold all of its
-    tokens and every text starts at position 0, as a chat does."""
+def start_attention_as_similarity(model: MistralForCausalLM) -> None:
+    """Each head's query projection starts as its key projection, so a token first attends to the tokens that look
+    like it: "the triangle" finds the image tokens that hold "triangle" from the first step, and training refines
+    the lookup instead of having to discover it (with rope_theta 1e6 the lookup formed within 450 steps in three
+    seeds of three, and not in 1200 without; docs/demo_experiments.md)."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attention = layer.self_attn
+            size, group = attention.head_dim, attention.num_key_value_groups
+            for head in range(model.config.num_attention_heads):
+                kv = head // group
+                attention.q_proj.weight[head * size:(head + 1) * size] = attention.k_proj.weight[kv * size:(kv + 1) * size]
 
-    def __init__(self, tokenizer, texts: list[str], max_length: int = 256):
-        self.encoded = tokenizer(texts, padding=True, padding_side="right", truncation=True, max_length=max_length,
-                                 return_tensors="pt", add_special_tokens=False)
-        self.labels = self.encoded["input_ids"].masked_fill(self.encoded["attention_mask"] == 0, -100)
 
-    def __getitem__(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
-        width = int(self.encoded["attention_mask"][index].sum(1).max())
-        return {"input_ids": self.encoded["input_ids"][index, :width],
-                "attention_mask": self.encoded["attention_mask"][index, :width], "labels": self.labels[index, :width]}
+class SceneBatches:
+    """`world.scene_chats` as causal-LM batches of input embeddings: the image placeholder becomes one token per image
+    patch, the sum of the embeddings of the words `world.scene_words` gives it (zero for an empty quadrant), and only
+    the assistant's tokens carry labels. Chats are tokenized once; `batch` embeds with the model's current
+    embeddings, so the words' embeddings learn from both the text and the scenes."""
+
+    def __init__(self, tokenizer, chats: list, image_tokens: int):
+        self.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+        self.rows = []
+        for shapes, messages, plain in chats:
+            encoded = tokenizer.apply_chat_template(
+                messages, chat_template=PLAIN_CHAT_TEMPLATE if plain else CHAT_TEMPLATE, tokenize=True,
+                return_dict=True, return_assistant_tokens_mask=True)
+            ids = torch.tensor(encoded["input_ids"])
+            labels = ids.masked_fill(torch.tensor(encoded["assistant_masks"]) == 0, -100)
+            words = [tokenizer.convert_tokens_to_ids(["Ġ" + w for w in token]) for token in world.scene_words(shapes, image_tokens)]
+            if any(tokenizer.unk_token_id in token for token in words):
+                raise ValueError("The tokenizer has no single token for some of the world's words; train it on the world's texts.")
+            scene = torch.full((image_tokens, max(map(len, words))), -1)
+            for t, token in enumerate(words):
+                scene[t, :len(token)] = torch.tensor(token, dtype=torch.long)
+            self.rows.append((ids, labels, scene))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def batch(self, index: torch.Tensor, embeddings: torch.nn.Embedding) -> dict[str, torch.Tensor]:
+        rows, labels = [], []
+        for i in index.tolist():
+            ids, label, scene = self.rows[i]
+            at = int((ids == self.image_token_id).nonzero()[0])
+            image = (embeddings(scene.clamp(min=0)) * (scene >= 0)[..., None]).sum(1)
+            rows.append(torch.cat([embeddings(ids[:at]), image, embeddings(ids[at + 1:])]))
+            labels.append(torch.cat([label[:at], torch.full((len(scene),), -100), label[at + 1:]]))
+        width = max(len(row) for row in rows)  # padded on the right: every chat starts at position 0
+        return {
+            "inputs_embeds": torch.stack([torch.nn.functional.pad(row, (0, 0, 0, width - len(row))) for row in rows]),
+            "attention_mask": torch.stack([torch.arange(width) < len(row) for row in rows]).long(),
+            "labels": torch.stack([torch.nn.functional.pad(label, (0, width - len(label)), value=-100) for label in labels]),
+        }

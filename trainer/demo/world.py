@@ -177,22 +177,34 @@ def write_split(folder: Path, name: str, samples: int, image_size: int, seed: in
     return {"images": samples, "vqa_questions": len(vqa)}
 
 
-def reading_practice(count: int, seed: int) -> list[list[dict]]:
-    """Text-only chats for the language model's pre-training: a scene's caption where the image will be, then its
-    questions in random order. The LLM stand-in learns to find the object a question names in a caption first, and
-    the image tokens later take the caption's place (docs/demo_experiments.md: it helps, but the lookup stays the
-    demo's weak point, in text too)."""
-    rng = random.Random(f"{seed}-reading")
+def scene_words(shapes: list[Shape], tokens: int) -> list[list[str]]:
+    """What each image token of a square grid shows, in the world's words: the size, colour, shape and quadrant of the
+    object in the token's quadrant; nothing for an empty quadrant (the world's texts never name the background)."""
+    by_quadrant = {shape.quadrant: shape for shape in shapes}
+    return [by_quadrant[q].words().split() + QUADRANTS[q].split() if q in by_quadrant else []
+            for q in token_quadrants(tokens)]
+
+
+def scene_chats(count: int, seed: int) -> list[tuple[list[Shape], list[dict], bool]]:
+    """Scenes for the language model's pre-training, each with a chat about it: (shapes, messages, plain). One in three
+    is the `pt` stage's caption in its plain template (`plain` True), the others the scene's questions in random
+    order, as in the `vit` chats. The image is the first user message's `{"type": "image"}` part; the LLM stand-in
+    reads it as `scene_words` tokens, the form the projector later learns to give real images (docs/demo_experiments.md)."""
+    rng = random.Random(f"{seed}-scenes")
     chats = []
     for _ in range(count):
         _, shapes = sample_scene(rng)
-        asked = [(question, answer) for kind, question, answer in questions(shapes, rng) if kind in VQA_TYPES]
-        rng.shuffle(asked)
+        if rng.random() < 1 / 3:
+            turns, plain = [("Describe the image briefly.", caption(shapes))], True
+        else:
+            turns = [(question, answer) for kind, question, answer in questions(shapes, rng) if kind in VQA_TYPES]
+            rng.shuffle(turns)
+            plain = False
         messages = []
-        for i, (question, answer) in enumerate(asked):
-            messages += [{"role": "user", "content": (caption(shapes) + "\n" if i == 0 else "") + question},
-                         {"role": "assistant", "content": answer}]
-        chats.append(messages)
+        for i, (question, answer) in enumerate(turns):
+            content = ([{"type": "image"}] if i == 0 else []) + [{"type": "text", "text": question}]
+            messages += [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
+        chats.append((shapes, messages, plain))
     return chats
 
 
