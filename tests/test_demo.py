@@ -140,6 +140,18 @@ def test_llm_standin_scene_batches_put_the_scene_words_where_the_image_is(tmp_pa
         assert labelled.replace("</s>", "").split() == " ".join(m["content"] for m in messages[1::2]).split()
 
 
+def test_llm_standin_attention_starts_as_similarity_search():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    model = MistralForCausalLM(MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=50))
+    standins.start_attention_as_similarity(model)
+    for layer in model.model.layers:  # heads 0, 1 share key head 0; heads 2, 3 key head 1 (head size 8)
+        q, k = layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight
+        assert torch.equal(q[0:8], k[0:8]) and torch.equal(q[8:16], k[0:8]) and torch.equal(q[24:32], k[8:16])
+        assert not torch.equal(q[16:24], k[0:8])
+
+
 def test_reduced_pipeline_learns_far_above_chance(tmp_path):
     # about 2 minutes on 2 CPU cores; on 2026-12-04 this budget gave 0.60 against a chance level of 0.40 (vit 300: the same)
     # with the captions-reading LLM stand-in; it passes with the scene-trained one too (2 minutes)

@@ -95,8 +95,8 @@ def train_llm(scenes: "SceneBatches", tokenizer, folder: Path, steps: int, batch
 def start_attention_as_similarity(model: MistralForCausalLM) -> None:
     """Each head's query projection starts as its key projection, so a token first attends to the tokens that look
     like it: "the triangle" finds the image tokens that hold "triangle" from the first step, and training refines
-    the lookup instead of having to discover it (with rope_theta 1e6 the lookup formed within 450 steps in three
-    seeds of three, and not in 1200 without; docs/demo_experiments.md)."""
+    the lookup instead of having to discover it (with rope_theta 1e6, in a proxy, the lookup formed or was forming by
+    step 400-450 in each of three seeds, and did not form in 1200 steps without; docs/demo_experiments.md)."""
     with torch.no_grad():
         for layer in model.model.layers:
             attention = layer.self_attn
