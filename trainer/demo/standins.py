@@ -96,7 +96,7 @@ def start_attention_as_similarity(model: MistralForCausalLM) -> None:
     """Each head's query projection starts as its key projection, so a token first attends to the tokens that look
     like it: "the triangle" finds the image tokens that hold "triangle" from the first step, and training refines
     the lookup instead of having to discover it (with rope_theta 1e6, in a proxy, the lookup formed or was forming by
-    step 400-450 in each of three seeds, and did not form in 1200 steps without; docs/demo_experiments.md)."""
+    step 400-450 in each of three seeds, and did not form in 1200 steps with neither; docs/demo_experiments.md)."""
     with torch.no_grad():
         for layer in model.model.layers:
             attention = layer.self_attn
@@ -127,7 +127,7 @@ class SceneBatches:
             scene = torch.full((image_tokens, max(map(len, words))), -1)
             for t, token in enumerate(words):
                 scene[t, :len(token)] = torch.tensor(token, dtype=torch.long)
-            self.rows.append((ids, labels, scene))
+            self.rows.append((ids, labels, scene, int((ids == self.image_token_id).nonzero()[0])))
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -135,8 +135,7 @@ class SceneBatches:
     def batch(self, index: torch.Tensor, embeddings: torch.nn.Embedding) -> dict[str, torch.Tensor]:
         rows, labels = [], []
         for i in index.tolist():
-            ids, label, scene = self.rows[i]
-            at = int((ids == self.image_token_id).nonzero()[0])
+            ids, label, scene, at = self.rows[i]
             image = (embeddings(scene.clamp(min=0)) * (scene >= 0)[..., None]).sum(1)
             rows.append(torch.cat([embeddings(ids[:at]), image, embeddings(ids[at + 1:])]))
             labels.append(torch.cat([label[:at], torch.full((len(scene),), -100), label[at + 1:]]))
