@@ -51,13 +51,16 @@ class CuMoExperts(nn.Module):
         token_ids = order // top_k
         weights = top_k_weights.reshape(-1)[order]
         counts = torch.bincount(expert_ids, minlength=self.num_experts).tolist()
+        # the banks are unbound once: the backward then stacks each bank's gradient once instead of zero-filling
+        # a whole bank for every expert
+        banks = zip(self.up_proj.unbind(0), self.up_proj_bias.unbind(0), self.down_proj.unbind(0),
+                    self.down_proj_bias.unbind(0))
         start = 0
-        for expert, count in enumerate(counts):
+        for count, (up, up_bias, down, down_bias) in zip(counts, banks):
             if count == 0:
                 continue
             tokens = token_ids[start : start + count]
-            h = F.linear(hidden_states[tokens], self.up_proj[expert], self.up_proj_bias[expert])
-            h = F.linear(self.act_fn(h), self.down_proj[expert], self.down_proj_bias[expert])
+            h = F.linear(self.act_fn(F.linear(hidden_states[tokens], up, up_bias)), down, down_bias)
             out.index_add_(0, tokens, (h * weights[start : start + count, None]).to(out.dtype))
             start += count
         return out
