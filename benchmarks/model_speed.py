@@ -21,7 +21,7 @@ import torch
 from transformers import (LlavaConfig, LlavaForConditionalGeneration, LogitsProcessor, LogitsProcessorList, MistralConfig,
                           MistralForCausalLM)
 
-from timing import timed
+from timing import timed, timed_in_turns
 
 from modeling_cumo import CuMoConfig, CuMoForConditionalGeneration
 
@@ -103,12 +103,14 @@ def main(argv=None):
     results = {}
 
     # 1. vision path (S2 tower + projector), both stopping at the feature layer; every experts kernel, then the
-    # default ("auto", which the rest of the benchmark uses)
+    # default ("auto", which the rest of the benchmark uses); the paths take turns
+    kernels = ("eager", "grouped_mm", "auto")
     with torch.no_grad():
-        for implementation in ("eager", "grouped_mm", "auto"):
-            moe.set_experts_implementation(implementation)
-            results[f"vision_moe_{implementation}_s"] = timed(lambda: moe.get_image_features(pixels), args.repeats, args.device)
-        results["vision_dense_s"] = timed(lambda: dense.get_image_features(pixels), args.repeats, args.device)
+        paths = {f"vision_moe_{name}_s": lambda: moe.get_image_features(pixels) for name in kernels}
+        switches = {f"vision_moe_{name}_s": lambda name=name: moe.set_experts_implementation(name) for name in kernels}
+        results.update(timed_in_turns({**paths, "vision_dense_s": lambda: dense.get_image_features(pixels)},
+                                      args.repeats, args.device, before=switches))
+    moe.set_experts_implementation("auto")
     results["vision_moe_over_dense"] = results["vision_moe_auto_s"] / results["vision_dense_s"]
 
     # 2. prefill (time to first token) and decode, one request with one image
@@ -140,16 +142,19 @@ def main(argv=None):
         results[f"decode_{name}_tokens_per_s"] = 1 / min(medians)
     results["decode_cumo_over_llm"] = results["decode_cumo_moe_tokens_per_s"] / results["decode_llm_tokens_per_s"]
 
-    # 3. one training step (forward + backward) of the vit stage against the dense model
+    # 3. one training step (forward + backward) of the vit stage against the dense model, taking turns
     batch = torch.cat([prompt] * args.images)
-    for name, model in (("moe", moe), ("dense", dense)):
-        model.train()
 
-        def step():
+    def training_step(model):
+        def run():
             model.zero_grad(set_to_none=True)
             model(input_ids=batch, pixel_values=pixels, labels=batch).loss.backward()
+        return run
 
-        results[f"train_step_{name}_s"] = timed(step, args.repeats, args.device)
+    moe.train(), dense.train()
+    results.update(timed_in_turns({"train_step_moe_s": training_step(moe), "train_step_dense_s": training_step(dense)},
+                                  args.repeats, args.device))
+    for model in (moe, dense):
         model.zero_grad(set_to_none=True)  # the gradients of a 7B model would stay on the GPU
         model.eval()
     results["train_moe_over_dense"] = results["train_step_moe_s"] / results["train_step_dense_s"]
