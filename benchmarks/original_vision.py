@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import CLIPImageProcessor, CLIPVisionConfig
 
-from timing import timed
+from timing import timed_in_turns
 
 from hub_upload.convert_original import apply_original_weights
 from modeling_cumo import CuMoConfig, CuMoForConditionalGeneration
@@ -99,9 +99,9 @@ def main(argv=None):
             theirs_out = original_path(tower, projector, pixels).float()
             ours_out = ours.get_image_features(pixels).pooler_output.float()
             results[f"{kind}_max_abs_difference"] = (theirs_out - ours_out).abs().max().item()
-            results[f"original_{kind}_inference_s"] = timed(lambda: original_path(tower, projector, pixels),
-                                                            args.repeats, args.device)
-            results[f"ours_{kind}_inference_s"] = timed(lambda: ours.get_image_features(pixels), args.repeats, args.device)
+            results.update(timed_in_turns({f"original_{kind}_inference_s": lambda: original_path(tower, projector, pixels),
+                                           f"ours_{kind}_inference_s": lambda: ours.get_image_features(pixels)},
+                                          args.repeats, args.device))
 
         def train_step(fn, modules):
             for module in modules:
@@ -110,11 +110,12 @@ def main(argv=None):
 
         for module in (tower, projector, ours):
             module.train()
-        results[f"original_{kind}_train_step_s"] = timed(
-            lambda: train_step(lambda: original_path(tower, projector, pixels), [tower, projector]), args.repeats, args.device)
-        results[f"ours_{kind}_train_step_s"] = timed(
-            lambda: train_step(lambda: ours.get_image_features(pixels, compute_router_losses=True).pooler_output, [ours]),
-            args.repeats, args.device)
+        results.update(timed_in_turns({  # the two take turns: a slow spell of the machine falls on both
+            f"original_{kind}_train_step_s": lambda: train_step(lambda: original_path(tower, projector, pixels),
+                                                                [tower, projector]),
+            f"ours_{kind}_train_step_s": lambda: train_step(
+                lambda: ours.get_image_features(pixels, compute_router_losses=True).pooler_output, [ours]),
+        }, args.repeats, args.device))
     for mode in ("inference", "train_step"):
         results[f"{mode}_ours_over_original_moe"] = results[f"ours_moe_{mode}_s"] / results[f"original_moe_{mode}_s"]
         results[f"{mode}_original_moe_over_original_dense"] = results[f"original_moe_{mode}_s"] / results[f"original_dense_{mode}_s"]
