@@ -153,21 +153,29 @@ def test_compiled_vision_tower_gives_the_same_features():
 
 
 def test_eager_experts_match_a_per_token_reference():
+    """Outputs and gradients; expert 4 gets no token, so its bank slots must get zero gradient, not garbage."""
     torch.manual_seed(0)
-    experts = CuMoExperts(None, 4, 6, 10, 5, "gelu")
+    experts = CuMoExperts(None, 5, 6, 10, 5, "gelu")
     for p in experts.parameters():
         p.data.normal_()
-    hidden = torch.randn(9, 6)
+    hidden = torch.randn(9, 6, requires_grad=True)
     top_k_index = torch.tensor([[0, 1], [1, 3], [3, 2], [2, 0], [0, 3], [1, 2], [3, 1], [2, 3], [0, 2]])
-    top_k_weights = torch.rand(9, 2)
+    top_k_weights = torch.rand(9, 2, requires_grad=True)
     out = experts(hidden, top_k_index, top_k_weights)
+    upstream = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [hidden, top_k_weights, *experts.parameters()], upstream)
     expected = torch.zeros(9, 5)
     for t in range(9):
         for j in range(2):
             e = top_k_index[t, j]
             h = torch.nn.functional.gelu(hidden[t] @ experts.up_proj[e].T + experts.up_proj_bias[e])
             expected[t] += top_k_weights[t, j] * (h @ experts.down_proj[e].T + experts.down_proj_bias[e])
+    expected_grads = torch.autograd.grad(expected, [hidden, top_k_weights, *experts.parameters()], upstream)
     assert (out - expected).abs().max() <= 1e-5
+    for grad, expected_grad in zip(grads, expected_grads):
+        assert (grad - expected_grad).abs().max() <= 1e-4
+    assert all(grad[4].abs().max() == 0 for grad in grads[2:])  # the unused expert
+    assert all(grad[0].abs().max() > 0 for grad in grads[2:])
 
 
 def test_s2_merge_inverts_s2_crops_on_a_patch_grid():
