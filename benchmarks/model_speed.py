@@ -1,5 +1,5 @@
 """CuMo against its peers, side by side in one run: the vision path, prefill and decode, one training step, batched
-chat generation, and (on CUDA) peak memory.
+chat generation, and memory (weights, and each phase's peak on top of them: on CUDA and on a Linux CPU).
 
     python benchmarks/model_speed.py --config tiny                      # CPU, seconds
     python benchmarks/model_speed.py --config mid                       # CPU, CLIP 512-wide 8 layers 224px
@@ -21,6 +21,7 @@ import torch
 from transformers import (LlavaConfig, LlavaForConditionalGeneration, LogitsProcessor, LogitsProcessorList, MistralConfig,
                           MistralForCausalLM)
 
+from memory import peak_memory_gib, peak_memory_supported
 from timing import timed, timed_in_turns
 
 from modeling_cumo import CuMoConfig, CuMoForConditionalGeneration
@@ -123,18 +124,18 @@ def main(argv=None):
         return model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                               pad_token_id=0)
 
-    requests = {"cumo_moe": (moe, dict(input_ids=prompt, pixel_values=one)),
-                "cumo_dense": (dense, dict(input_ids=prompt, pixel_values=one)),
-                "llava": (llava, dict(input_ids=prompt, pixel_values=one)),
-                "llm": (llm, dict(input_ids=torch.randint(3, 900, prompt.shape, device=args.device)))}
-    steps = {name: [] for name in requests}  # per repeat, the median decode step of each model
+    requests_one = {"cumo_moe": (moe, dict(input_ids=prompt, pixel_values=one)),
+                    "cumo_dense": (dense, dict(input_ids=prompt, pixel_values=one)),
+                    "llava": (llava, dict(input_ids=prompt, pixel_values=one)),
+                    "llm": (llm, dict(input_ids=torch.randint(3, 900, prompt.shape, device=args.device)))}
+    steps = {name: [] for name in requests_one}  # per repeat, the median decode step of each model
     with torch.no_grad():
-        for name, (model, inputs) in requests.items():
+        for name, (model, inputs) in requests_one.items():
             results[f"prefill_{name}_s"] = timed(lambda: generate(model, 1, **inputs), args.repeats, args.device)
         # decode speed from per-step timestamps (prefill and stalls stay out of it), the models taking turns so that
         # a slow spell of a shared machine falls on all of them alike
         for _ in range(args.repeats):
-            for name, (model, inputs) in requests.items():
+            for name, (model, inputs) in requests_one.items():
                 clock = StepClock(args.device)
                 generate(model, args.new_tokens, logits_processor=LogitsProcessorList([clock]), **inputs)
                 steps[name].append(statistics.median(b - a for a, b in zip(clock.times, clock.times[1:])))
@@ -176,6 +177,24 @@ def main(argv=None):
     results["chat8_one_by_one_s"], results["chat8_batched_s"] = one_by_one, batched
     results["chat8_batched_speedup"] = one_by_one / batched
 
+    # 5. memory: each model's weights, and the peak each phase needs on top of them (activations, KV cache, gradients)
+    if peak_memory_supported(args.device):
+        for name, model in models.items():
+            results[f"weights_{name}_gib"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+        with torch.no_grad():
+            for name, model in (("cumo_moe", moe), ("cumo_dense", dense)):
+                results[f"peak_memory_vision_{name}_gib"] = peak_memory_gib(lambda: model.get_image_features(pixels),
+                                                                            args.device)
+            for name, (model, inputs) in requests_one.items():
+                results[f"peak_memory_generate_{name}_gib"] = peak_memory_gib(
+                    lambda: generate(model, args.new_tokens, **inputs), args.device)
+        for name, model in (("cumo_moe", moe), ("cumo_dense", dense)):
+            model.train()
+            model.zero_grad(set_to_none=True)
+            results[f"peak_memory_train_step_{name}_gib"] = peak_memory_gib(training_step(model), args.device)
+            model.zero_grad(set_to_none=True)
+            model.eval()
+
     if args.compile:  # 6. (last: compiling changes the models) the vision path with torch.compile'd towers
         with torch.no_grad():
             eager_features = moe.get_image_features(pixels).pooler_output
@@ -189,28 +208,6 @@ def main(argv=None):
             results["vision_dense_compiled_s"] = timed(lambda: dense.get_image_features(pixels), args.repeats, args.device)
         results["vision_moe_compiled_over_dense_compiled"] = results["vision_moe_compiled_s"] / results["vision_dense_compiled_s"]
         results["vision_moe_compile_speedup"] = results["vision_moe_auto_s"] / results["vision_moe_compiled_s"]
-
-    if args.device == "cuda":  # 5. peak memory of each model in each phase
-        def peak_gb(fn):
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            fn()
-            return torch.cuda.max_memory_allocated() / 1e9
-
-        for name, model in (("cumo_moe", moe), ("cumo_dense", dense)):
-            with torch.no_grad():
-                results[f"peak_memory_vision_{name}_gb"] = peak_gb(lambda: model.get_image_features(pixels))
-                results[f"peak_memory_generate_{name}_gb"] = peak_gb(
-                    lambda: generate(model, args.new_tokens, input_ids=prompt, pixel_values=one))
-            model.train()
-            results[f"peak_memory_train_step_{name}_gb"] = peak_gb(
-                lambda: model(input_ids=batch, pixel_values=pixels, labels=batch).loss.backward())
-            model.zero_grad(set_to_none=True)
-            model.eval()
-        with torch.no_grad():
-            results["peak_memory_generate_llava_gb"] = peak_gb(
-                lambda: generate(llava, args.new_tokens, input_ids=prompt, pixel_values=one))
-            results["peak_memory_generate_llm_gb"] = peak_gb(lambda: generate(llm, args.new_tokens, input_ids=prompt))
 
     print(f"config {args.config}, {args.device}, {args.dtype}, {torch.get_num_threads()} threads, "
           f"{args.images} images x {patches} patches, S2 [1, 3], top-2-of-4 MoE")
