@@ -7,6 +7,7 @@ Both count what the call itself allocates (activations, KV cache, gradients), no
 
 import ctypes
 import ctypes.util
+import os
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ def _resident_gib(field: str) -> float:
 
 
 def peak_memory_supported(device: str) -> bool:
-    return device == "cuda" or (_STATUS.exists() and _CLEAR_REFS.exists())
+    return device == "cuda" or (_STATUS.exists() and os.access(_CLEAR_REFS, os.W_OK))
 
 
 def peak_memory_gib(fn, device: str = "cpu") -> float:
