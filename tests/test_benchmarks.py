@@ -22,7 +22,7 @@ def test_model_speed_runs_on_the_tiny_config(tmp_path):
     # memory: the experts add weights; a training step needs more than inference (gradients, saved activations)
     assert results["weights_cumo_moe_gib"] > results["weights_cumo_dense_gib"] > results["weights_llm_gib"]
     for name in ("cumo_moe", "cumo_dense"):
-        assert results[f"peak_memory_train_step_{name}_gib"] > results[f"peak_memory_vision_{name}_gib"] > 0, name
+        assert results[f"peak_memory_train_step_{name}_gib"] > results[f"peak_memory_vision_{name}_gib"] >= 0, name
 
 
 def test_peak_memory_counts_what_a_call_allocates():
