@@ -20,6 +20,7 @@ QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
 BACKGROUNDS = {"white": (245, 245, 245), "grey": (150, 150, 150), "black": (25, 25, 25)}
 NUMBERS = ("zero", "one", "two", "three")
 VQA_TYPES = ("colour", "shape", "count", "position", "exists")
+CAPTION_PROMPT = "Describe the image briefly."  # the `pt` stage's one question
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,7 @@ def write_split(folder: Path, name: str, samples: int, image_size: int, seed: in
             crop.save(folder / f"{name}/regions/{i:05d}_{j}.png")
             regions.append({"image": f"{name}/regions/{i:05d}_{j}.png", "caption": words})
         captions.append({"id": f"{name}-cap-{i}", "image": path, "conversations": [
-            {"from": "human", "value": "<image>\nDescribe the image briefly."},
+            {"from": "human", "value": "<image>\n" + CAPTION_PROMPT},
             {"from": "gpt", "value": caption(shapes)}]})
         qa = questions(shapes, rng)
         asked = [(question, answer) for kind, question, answer in qa if kind in VQA_TYPES]
@@ -195,7 +196,7 @@ def scene_chats(count: int, seed: int) -> list[tuple[list[Shape], list[dict], bo
     for _ in range(count):
         _, shapes = sample_scene(rng)
         if rng.random() < 1 / 3:
-            turns, plain = [("Describe the image briefly.", caption(shapes))], True
+            turns, plain = [(CAPTION_PROMPT, caption(shapes))], True
         else:
             turns = [(question, answer) for kind, question, answer in questions(shapes, rng) if kind in VQA_TYPES]
             rng.shuffle(turns)
