@@ -109,6 +109,18 @@ class CuMoProcessor(LlavaProcessor):
             **kwargs,
         )
 
+    def __call__(self, images=None, text=None, videos=None, audio=None, **kwargs):
+        """Generic harnesses (lmms-eval's `huggingface` model) pass every modality, empty ones included
+        (`videos=[]`, `audios=[]`): those are dropped; a video or audio input is refused, as CuMo reads neither."""
+
+        def empty(value):
+            return value is None or (isinstance(value, (list, tuple)) and all(empty(item) for item in value))
+
+        for name, value in (("videos", videos), ("audio", audio), ("audios", kwargs.pop("audios", None))):
+            if not empty(value):
+                raise ValueError(f"CuMo reads images and text only; got `{name}`: pass none, or an empty list.")
+        return super().__call__(images=images, text=text, **kwargs)
+
     def prepare_inputs_layout(self, images=None, text=None, videos=None, audio=None, **kwargs):
         try:
             images, text, videos, audio = super().prepare_inputs_layout(images, text, videos, audio, **kwargs)
