@@ -1,46 +1,24 @@
 """Write a toy setting for trying the training pipeline offline in a minute: a tiny random CLIP vision tower, a tiny
-random Mistral with its own tokenizer, and LLaVA-style JSON datasets of coloured shapes (captions for the first two
-stages, questions and answers for the third). Random stand-ins learn little; they only exercise the real code."""
+random Mistral with its own tokenizer, and the demo world's LLaVA-style JSON datasets (`trainer.demo.world`:
+captions for the first two stages, questions and answers for the third). Random stand-ins learn little; they only
+exercise the real code (`cumo-demo` trains ones that do learn)."""
 
 import argparse
-import json
-import random
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
 from transformers import CLIPVisionConfig, CLIPVisionModel, MistralConfig, MistralForCausalLM
 
 from hub_upload.random_checkpoint import make_tokenizer
-
-
-COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
-SHAPES = ("square", "circle")
-
-
-def draw(colour: str, shape: str, size: int = 64) -> Image.Image:
-    image = Image.new("RGB", (size, size), (245, 245, 245))
-    box = (size // 4, size // 4, 3 * size // 4, 3 * size // 4)
-    (ImageDraw.Draw(image).rectangle if shape == "square" else ImageDraw.Draw(image).ellipse)(box, fill=COLOURS[colour])
-    return image
+from trainer.demo import world
 
 
 def write_datasets(folder: Path, samples: int, seed: int) -> None:
-    rng = random.Random(seed)
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    captions, questions = [], []
-    for i in range(samples):
-        colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
-        name = f"images/{i:04d}.png"
-        draw(colour, shape).save(folder / name)
-        captions.append({"id": f"cap-{i}", "image": name, "conversations": [
-            {"from": "human", "value": "<image>\nDescribe the image."},
-            {"from": "gpt", "value": f"A {colour} {shape}."}]})
-        questions.append({"id": f"qa-{i}", "image": name, "conversations": [
-            {"from": "human", "value": "<image>\nWhat colour is the shape?"}, {"from": "gpt", "value": colour.capitalize() + "."},
-            {"from": "human", "value": "What shape is it?"}, {"from": "gpt", "value": shape.capitalize() + "."}]})
-    (folder / "captions.json").write_text(json.dumps(captions, indent=1))
-    (folder / "instructions.json").write_text(json.dumps(questions, indent=1))
+    """A split of the world in folder/images/ (`world.write_split`), its captions and instructions renamed to
+    captions.json and instructions.json (the names the README's commands use)."""
+    world.write_split(folder, "images", samples, world.IMAGE_SIZE, seed)
+    for suffix in ("captions", "instructions"):
+        (folder / f"images_{suffix}.json").replace(folder / f"{suffix}.json")
 
 
 def write_models(folder: Path, seed: int) -> None:

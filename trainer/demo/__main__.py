@@ -6,8 +6,9 @@
 Steps: generate the world (images of coloured shapes, captions, questions, a held-out split); train the stand-ins
 (a small CLIP, contrastively, and a small Mistral with its own tokenizer); then `cumo-init` and `cumo-train` for
 the paper's three stages (pt, pft, vit) exactly as on real models; finally evaluate on the held-out split.
-Writes DIR/model (the final CuMo), DIR/metrics.json and DIR/expert_load.png. The ablations (dense vs co-upcycled
-vs from-scratch MoE, with and without bzloss): `python -m trainer.demo.ablations --output DIR`.
+Writes DIR/model (the final CuMo), DIR/metrics.json (with the model's answers to the Space's examples) and
+DIR/expert_load.png. The ablations (dense vs co-upcycled vs from-scratch MoE, with and without bzloss):
+`python -m trainer.demo.ablations --output DIR`.
 """
 
 import argparse
@@ -24,7 +25,12 @@ def main(argv=None):
     add_budget_arguments(parser)
     args = parser.parse_args(argv)
     metrics = build_demo(args.output, budget_from_args(args), args.seed)
-    print(json.dumps({k: metrics[k] for k in ("vqa_accuracy", "accuracy_per_type", "accuracy_per_type_and_objects", "chance_accuracy", "seconds")}, indent=2))
+    keys = ("vqa_accuracy", "accuracy_per_type", "accuracy_per_type_and_objects", "chance_accuracy", "space_examples",
+            "seconds")
+    print(json.dumps({k: metrics[k] for k in keys}, indent=2))
+    wrong = [example["question"] for example in metrics["space_examples"] if not example["right"]]
+    if wrong:
+        print(f"The model answers {len(wrong)} of the Space's examples wrong: {wrong}")
     print(f"Chat with it: python -m space.app --model {args.output / 'model'}")
 
 

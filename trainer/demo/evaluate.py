@@ -1,5 +1,5 @@
-"""Held-out evaluation of a demo model: exact-match VQA accuracy per question type, and expert load per MoE layer
-(each expert's share of the top-k routing slots, as the paper's Figure 4 plots it)."""
+"""Held-out evaluation of a demo model: exact-match VQA accuracy per question type, the Space's examples, and expert
+load per MoE layer (each expert's share of the top-k routing slots, as the paper's Figure 4 plots it)."""
 
 import json
 import re
@@ -17,23 +17,29 @@ def normalise(text: str) -> str:
 
 
 @torch.no_grad()
+def generate_answers(model, processor, images: list[Image.Image], questions: list[str], max_new_tokens: int = 8) -> list[str]:
+    """Greedy answers as decoded (the template's spaces around them included), one question per image, each in a
+    conversation of its own, as the Space's chat asks a first question."""
+    processor.tokenizer.padding_side = "left"
+    prompts = [processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+        add_generation_prompt=True) for question in questions]
+    inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt")
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                            pad_token_id=processor.tokenizer.pad_token_id)
+    return processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
 def vqa_accuracy(model, processor, rows: list[dict], folder: Path, batch_size: int = 32, max_new_tokens: int = 8) -> dict:
     """Exact-match accuracy overall, per question type, and per type and number of shapes in the image (one shape
     needs no looking for the asked-about object; two or three do)."""
-    processor.tokenizer.padding_side = "left"
     by_type, by_objects = defaultdict(list), defaultdict(lambda: defaultdict(list))  # -> [answered correctly?]
     for start in tqdm(range(0, len(rows), batch_size), desc="Evaluating VQA"):
         batch = rows[start : start + batch_size]
-        prompts = [processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": row["question"]}]}],
-            add_generation_prompt=True) for row in batch]
-        images = [Image.open(folder / row["image"]) for row in batch]
-        inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt")
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                pad_token_id=processor.tokenizer.pad_token_id)
-        answers = processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        for row, answer in zip(batch, answers):
-            right = normalise(answer) == normalise(row["answer"])
+        answers = generate_answers(model, processor, [Image.open(folder / row["image"]) for row in batch],
+                         [row["question"] for row in batch], max_new_tokens)
+        for row, given in zip(batch, answers):
+            right = normalise(given) == normalise(row["answer"])
             by_type[row["type"]].append(right)
             if "objects" in row:  # data written before this field: no split
                 by_objects[row["type"]][str(row["objects"])].append(right)
@@ -43,6 +49,16 @@ def vqa_accuracy(model, processor, rows: list[dict], folder: Path, batch_size: i
             "accuracy_per_type_and_objects": {kind: {n: mean(rights) for n, rights in sorted(by_objects[kind].items())}
                                               for kind in sorted(by_type)},
             "vqa_questions": len(everything)}
+
+
+def space_examples(model, processor, image: Image.Image, chats: list[tuple[str, str]]) -> list[dict]:
+    """The model's answer to each of the Space's examples (`world.example_chats`), and whether it is the world's.
+    Matched exactly, as the app shows it (stripped): the visitor reads the answer, not a normalised one."""
+    rows = []
+    for question, expected in chats:  # one at a time, unpadded, as the app asks
+        given = generate_answers(model, processor, [image], [question], max_new_tokens=48)[0].strip()
+        rows.append({"question": question, "expected": expected, "answer": given, "right": given == expected})
+    return rows
 
 
 def layer_label(name: str) -> str:

@@ -26,14 +26,13 @@ class Budget:
     vit_steps: int
 
 
-# pft 300 steps: after vit, descriptions are right for 0.90-0.95 of the held-out images against 0.99 with 900 (VQA the
-# same). The LLM stand-in's lookup forms after about 450 steps on scenes (docs/demo_experiments.md); 700 steps gave
-# held-out VQA 0.93 against 0.885 with 500 (and vit 1100), in 14.3 minutes.
+# The full budget fits about a quarter of an hour on 2 CPU cores; docs/demo_experiments.md has what each step count
+# buys (the LLM stand-in needs enough steps on scenes for its lookup to form).
 FULL = Budget(train_images=3000, heldout_images=200, clip_steps=800, llm_steps=700, pt_steps=150, pft_steps=300,
               vit_steps=1200)
 QUICK = Budget(train_images=800, heldout_images=60, clip_steps=200, llm_steps=150, pt_steps=60, pft_steps=60,
                vit_steps=200)
-IMAGE_SIZE, PATCH_SIZE = 64, 8
+IMAGE_SIZE, PATCH_SIZE = world.IMAGE_SIZE, 8
 SCALES = (1, 2)
 LEARNING_RATES = {"pt": 1e-3, "pft": 5e-4, "vit": 1e-3}
 
@@ -88,7 +87,7 @@ def build_until_vit(work: Path, budget: Budget, seed: int, laps: Laps) -> Path:
                         IMAGE_SIZE, PATCH_SIZE, budget.clip_steps, seed=seed)
     laps("clip stand-in")
     # The LLM stand-in learns the world's chats on scenes given in words, one token per image patch, before it sees an
-    # image: held-out VQA 0.93 against 0.80 when it read captions (docs/demo_experiments.md)
+    # image: the form the projector then learns to give real images (docs/demo_experiments.md compares the choices)
     scenes = standins.SceneBatches(tokenizer, world.scene_chats(budget.llm_steps * standins.LLM_BATCH_SIZE, seed),
                                    (IMAGE_SIZE // PATCH_SIZE) ** 2)
     standins.train_llm(scenes, tokenizer, work / "llm", budget.llm_steps, seed=seed)
@@ -110,9 +109,9 @@ def train_vit(work: Path, data: Path, output: Path, budget: Budget, seed: int, e
 
 def evaluate_model(folder: Path, data: Path) -> dict:
     """Held-out VQA accuracy per type, chance level, exact match of whole descriptions ("Describe the image.", not a
-    VQA type), and the expert load of every MoE layer."""
-    model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
-    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    VQA type), the answers to the Space's examples, and the expert load of every MoE layer."""
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    processor = AutoProcessor.from_pretrained(folder)
     heldout = json.loads((data / "heldout_vqa.json").read_text())
     metrics = evaluate.vqa_accuracy(model, processor, heldout, data)
     descriptions = [{"image": row["image"], "type": "describe", "answer": row["conversations"][1]["value"],
@@ -120,6 +119,7 @@ def evaluate_model(folder: Path, data: Path) -> dict:
                     for row in json.loads((data / "heldout_instructions.json").read_text()) if "-describe-" in row["id"]]
     described = evaluate.vqa_accuracy(model, processor, descriptions, data, max_new_tokens=48)
     metrics["description_exact_match"], metrics["descriptions"] = described["vqa_accuracy"], described["vqa_questions"]
+    metrics["space_examples"] = evaluate.space_examples(model, processor, world.example_image(), world.example_chats())
     images = sorted({data / row["image"] for row in heldout})
     metrics["expert_load"] = evaluate.expert_load(model, processor, images)
     metrics["chance_accuracy"] = chance(heldout)
@@ -141,6 +141,9 @@ def build_demo(output: Path, budget: Budget, seed: int = 0, log=print) -> dict:
     shutil.copytree(work / "vit", final, ignore=shutil.ignore_patterns("training_args.bin", "checkpoint-*"))
     metrics = evaluate_model(final, data)
     laps("evaluation")
+    for example in metrics["space_examples"]:
+        log(f"[cumo-demo] Space example {example['question']!r}: {example['answer']!r} "
+            + ("(right)" if example["right"] else f"(WRONG, the world says {example['expected']!r})"))
     metrics.update(seconds=laps.seconds, budget=budget.__dict__, scales=list(SCALES),
                    torch_threads=torch.get_num_threads())
     evaluate.write_metrics(output / "metrics.json", metrics)

@@ -21,6 +21,7 @@ BACKGROUNDS = {"white": (245, 245, 245), "grey": (150, 150, 150), "black": (25, 
 NUMBERS = ("zero", "one", "two", "three")
 VQA_TYPES = ("colour", "shape", "count", "position", "exists")
 CAPTION_PROMPT = "Describe the image briefly."  # the `pt` stage's one question
+IMAGE_SIZE = 64  # pixels per side of the world's images
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,22 @@ def draw(background: str, shapes: list[Shape], size: int, rng: random.Random) ->
     return image
 
 
+# The Space's example picture (space/examples/shapes.png) and its questions: a scene the world draws and questions it
+# asks, so that a demo model has been taught to answer them (`cumo-demo` checks that it does).
+EXAMPLE_SCENE = ("white", (Shape("red", "circle", True, 0), Shape("blue", "square", True, 3)))
+EXAMPLE_QUESTIONS = (("count", "", ""), ("shape", "red", ""), ("describe", "", ""))  # ask()'s arguments
+
+
+def example_image() -> Image.Image:
+    background, shapes = EXAMPLE_SCENE
+    return draw(background, list(shapes), IMAGE_SIZE, random.Random(0))
+
+
+def example_chats() -> list[tuple[str, str]]:
+    """(question, answer) of each of the Space's examples."""
+    return [ask(kind, list(EXAMPLE_SCENE[1]), colour, shape) for kind, colour, shape in EXAMPLE_QUESTIONS]
+
+
 def region_crops(image: Image.Image, shapes: list[Shape]) -> list[tuple[Image.Image, str]]:
     """Each shape's quadrant, enlarged 2x as S2's second scale sees it, with the shape's words: image-text pairs
     in which colour alone does not tell captions apart, so contrastive training must learn shapes."""
@@ -87,28 +104,46 @@ def parse_caption(text: str) -> list[Shape]:
             for size, colour, shape, where in re.findall(pattern, text.lower())]
 
 
+def ask(kind: str, shapes: list[Shape], colour: str = "", shape: str = "") -> tuple[str, str]:
+    """The question of type `kind` about the object of `colour` and/or `shape`, and its answer on the image of `shapes`
+    (`count` and `describe` name no object). The caller picks an object that makes the answer unique."""
+    if kind == "colour":
+        return f"What colour is the {shape}?", next(s.colour for s in shapes if s.shape == shape).capitalize() + "."
+    if kind == "shape":
+        return f"What shape is the {colour} object?", next(s.shape for s in shapes if s.colour == colour).capitalize() + "."
+    if kind == "count":
+        return "How many shapes are there?", NUMBERS[len(shapes)].capitalize() + "."
+    if kind == "position":
+        quadrant = next(s.quadrant for s in shapes if (s.colour, s.shape) == (colour, shape))
+        return f"Where is the {colour} {shape}?", QUADRANTS[quadrant].capitalize() + "."
+    if kind == "exists":
+        return f"Is there a {colour} {shape}?", "Yes." if any((s.colour, s.shape) == (colour, shape) for s in shapes) else "No."
+    if kind == "describe":
+        return "Describe the image.", caption(shapes)
+    raise ValueError(f"Unknown question type {kind!r}.")
+
+
 def questions(shapes: list[Shape], rng: random.Random) -> list[tuple[str, str, str]]:
     """(type, question, answer) for every question type that has one right answer on this image; each question asks
     about a shape of its own, so that in a conversation of them one question seldom gives another's answer away."""
     present = {(s.colour, s.shape) for s in shapes}
-    out = []
+    asked = []
     target = rng.choice(shapes)
     if sum(s.shape == target.shape for s in shapes) == 1:
-        out.append(("colour", f"What colour is the {target.shape}?", target.colour.capitalize() + "."))
+        asked.append(("colour", target.colour, target.shape))
     target = rng.choice(shapes)
     if sum(s.colour == target.colour for s in shapes) == 1:
-        out.append(("shape", f"What shape is the {target.colour} object?", target.shape.capitalize() + "."))
-    out.append(("count", "How many shapes are there?", NUMBERS[len(shapes)].capitalize() + "."))
+        asked.append(("shape", target.colour, target.shape))
+    asked.append(("count", "", ""))
     target = rng.choice(shapes)
-    out.append(("position", f"Where is the {target.colour} {target.shape}?", QUADRANTS[target.quadrant].capitalize() + "."))
+    asked.append(("position", target.colour, target.shape))
     if rng.random() < 0.5:
         target = rng.choice(shapes)
         colour, shape = target.colour, target.shape
     else:
         colour, shape = rng.choice([(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present])
-    out.append(("exists", f"Is there a {colour} {shape}?", "Yes." if (colour, shape) in present else "No."))
-    out.append(("describe", "Describe the image.", caption(shapes)))
-    return out
+    asked += [("exists", colour, shape), ("describe", "", "")]
+    return [(kind, *ask(kind, shapes, colour, shape)) for kind, colour, shape in asked]
 
 
 def token_quadrants(tokens: int) -> list[int]:
@@ -162,9 +197,8 @@ def write_split(folder: Path, name: str, samples: int, image_size: int, seed: in
         asked = [(question, answer) for kind, question, answer in qa if kind in VQA_TYPES]
         rng.shuffle(asked)
         # The short questions in one conversation, in random order: an image's tokens are most of a sample's cost, and
-        # each answer is a lesson in finding the named shape (16,000 single answers left a fresh LM at 0.67 in a proxy
-        # with perfect image features, four per image 0.80). The description is a conversation of its own, as it
-        # would give every answer away.
+        # each answer is a lesson in finding the named shape (docs/demo_experiments.md compares one question per
+        # sample). The description is a conversation of its own, as it would give every answer away.
         instructions.append({"id": f"{name}-vqa-{i}", "image": path, "conversations": conversation(asked)})
         for kind, question, answer in qa:
             if kind == "describe":
@@ -216,3 +250,9 @@ def corpus(folder: Path, name: str) -> list[str]:
         for row in json.loads((folder / f"{name}_{suffix}.json").read_text()):
             texts += [turn["value"].replace("<image>\n", "") for turn in row["conversations"]]
     return texts
+
+
+if __name__ == "__main__":  # python -m trainer.demo.world space/examples/shapes.png: redraw the Space's example
+    import sys
+
+    example_image().save(sys.argv[1])
