@@ -1,7 +1,13 @@
 """Configuration of CuMo: a LLaVA-style model whose CLIP MLPs and projector may be sparse MoE blocks."""
 
 from transformers import AutoConfig
-from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
+from transformers.configuration_utils import PreTrainedConfig
+
+
+try:
+    from transformers.configuration_utils import SubConfigSpec
+except ImportError:  # transformers before 5.20: `__post_init__` below builds the sub-configs itself
+    SubConfigSpec = None
 
 
 # The released CuMo checkpoints use CLIP ViT-L/14 at 336 px (the default vision config below) and Mistral-7B.
@@ -37,10 +43,13 @@ class CuMoConfig(PreTrainedConfig):
     """
 
     model_type = "cumo"
-    sub_configs_defaults = {
-        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="clip_vision_model", init_kwargs=_CLIP_L_336),
-        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="mistral"),
-    }
+    if SubConfigSpec is not None:
+        sub_configs_defaults = {
+            "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="clip_vision_model", init_kwargs=_CLIP_L_336),
+            "text_config": SubConfigSpec(config_class=AutoConfig, model_type="mistral"),
+        }
+    else:
+        sub_configs = {"vision_config": AutoConfig, "text_config": AutoConfig}
 
     vision_config: dict | PreTrainedConfig | None = None
     text_config: dict | PreTrainedConfig | None = None
@@ -57,6 +66,9 @@ class CuMoConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        if SubConfigSpec is None:
+            self.vision_config = _sub_config(self.vision_config, "clip_vision_model", _CLIP_L_336)
+            self.text_config = _sub_config(self.text_config, "mistral", {})
         super().__post_init__(**kwargs)
         self.scales = [int(s) for s in self.scales]
         if not self.scales or any(s < 1 for s in self.scales) or len(set(self.scales)) != len(self.scales):
@@ -92,6 +104,15 @@ class CuMoConfig(PreTrainedConfig):
         """How many CLIP encoder layers produce the feature layer (the rest are only needed for the MoE losses)."""
         num_layers = self.vision_config.num_hidden_layers
         return self.vision_feature_layer % (num_layers + 1)
+
+
+def _sub_config(value, model_type: str, defaults: dict) -> PreTrainedConfig:
+    """What `SubConfigSpec` does in newer transformers: a dict (or None: the defaults) becomes the config of its
+    `model_type`."""
+    if isinstance(value, PreTrainedConfig):
+        return value
+    value = dict(defaults if value is None else value)
+    return AutoConfig.for_model(value.pop("model_type", model_type), **value)
 
 
 CuMoConfig.register_for_auto_class()
