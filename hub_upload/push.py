@@ -37,7 +37,8 @@ CARD_TEMPLATE = """---
 A [CuMo](https://arxiv.org/abs/2405.05949) vision-language model: CLIP vision encoder and vision-language
 projector with co-upcycled sparse Mixture-of-Experts blocks ({moe}), S2 scales {scales}, and a
 `{text_model}` language model ({total} parameters, {activated} activated per token).
-Packaged with CuMo-HF as a `transformers` remote-code model: load it with `trust_remote_code=True`.
+Packaged with CuMo-HF as a `transformers` remote-code model: load it with `trust_remote_code=True`
+(transformers 5.16.1 or newer: `pip install "transformers>=5.16.1" torch pillow`).
 
 ## Usage
 

@@ -9,6 +9,7 @@ virtualenv folders).
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -138,3 +139,13 @@ def test_remote_code_matches_the_pinned_transformers(venv, saved, tmp_path):
         with torch.no_grad():
             logits = resaved(**ours["inputs"]).logits
         torch.testing.assert_close(logits, ours["logits"], rtol=0, atol=1e-5, msg=f"{where}, saved there")
+
+
+def test_the_model_card_states_the_minimum_that_setup_py_declares():
+    from hub_upload.push import CARD_TEMPLATE
+
+    setup = (Path(__file__).parent.parent / "setup.py").read_text()
+    minimum = re.search(r'"transformers>=([0-9.]+),<[0-9.]+"', setup)
+    assert minimum, "setup.py's core requirements give no transformers range"
+    assert f"transformers {minimum[1]} or newer" in CARD_TEMPLATE
+    assert f'"transformers>={minimum[1]}"' in CARD_TEMPLATE
