@@ -24,11 +24,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
-from transformers import CONFIG_MAPPING, AutoTokenizer, CLIPVisionConfig, GenerationConfig
+from transformers import CONFIG_MAPPING, CLIPVisionConfig, GenerationConfig
 
 from modeling_cumo import CuMoConfig, CuMoProcessor
 
 from .folders import copy_remote_code, image_processor_for
+from .sentencepiece_tokenizer import original_tokenizer
 
 
 TEXT_MODEL_TYPES = {"llava_mistral": "mistral", "llava_mixtral": "mixtral"}
@@ -266,9 +267,10 @@ def convert(input_dir: Path, output_dir: Path, vision_tower: Path | None = None,
     tower_dir, tower_name = find_vision_tower(input_dir, original.get("mm_vision_tower"), vision_tower)
     vision_config = load_vision_config(tower_dir, tower_name)
 
-    tokenizer = AutoTokenizer.from_pretrained(input_dir, extra_special_tokens={"image_token": "<image>"})
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.unk_token  # as the original does
+    try:
+        tokenizer = original_tokenizer(input_dir)
+    except (OSError, ValueError) as error:
+        raise ConversionError(f"Cannot read the original tokenizer: {error}") from error
     config = build_config(original, vision_config, image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
     config.dtype = dtype or original.get("torch_dtype") or "float32"
     processor = CuMoProcessor(image_processor_for(tower_dir, vision_config.image_size), tokenizer,

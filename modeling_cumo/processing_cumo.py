@@ -6,49 +6,53 @@ from transformers.models.llava.image_processing_pil_llava import LlavaImageProce
 from transformers.models.llava.processing_llava import LlavaProcessor
 
 
+# Both templates write every special token of the prompt themselves and the processor's tokenizer adds none, so
+# that each path that tokenizes a chat (the processor on the rendered text, `apply_chat_template(tokenize=True)`,
+# TRL's collator, vLLM) gives the same ids: the original's. Its prompts start with two BOS (the template's literal
+# `<s>` and the one its tokenizer adds). A message's images go first, each as `<image>` and a newline (where the
+# original's CLI, evaluation and data pipeline put them), unless the text already places its `<image>`s itself.
+# Contents are read with a `for` loop over `message['content']`, which is how vLLM recognises a multimodal template.
+_MESSAGE_PARTS = (
+    "{%- set ns = namespace(text='', images=0) -%}"
+    "{%- if message['content'] is string -%}{%- set ns.text = message['content'] -%}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'text' -%}{%- set ns.text = ns.text + ('\\n' if ns.text else '') + part['text'] -%}"
+    "{%- elif part['type'] in ('image', 'image_url') -%}{%- set ns.images = ns.images + 1 -%}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- set num_images = ns.images - ns.text.count('<image>') -%}"
+)
+
 # The original's `mistral_instruct_system` format (LLaMA-2 style with `<<SYS>>`), which the released checkpoints are
 # evaluated and served with. A system message replaces the default system text; an empty one drops the block
-# (the original's `mistral_instruct`). Images go first in their message, each as `<image>` and a newline.
-# `{% generation %}` marks assistant tokens for `return_assistant_tokens_mask` / TRL's `assistant_only_loss`.
+# (the original's `mistral_instruct`). `{% generation %}` marks the tokens that `return_assistant_tokens_mask` and
+# TRL's `assistant_only_loss` supervise: the original's training targets (the reply, its spaces and `</s>`).
 CHAT_TEMPLATE = (
     "{%- set default_system = \"A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions.\" -%}"
     "{%- if messages and messages[0]['role'] == 'system' -%}"
-    "{%- if messages[0]['content'] is string -%}{%- set system_message = messages[0]['content'] -%}"
-    "{%- else -%}{%- set system_message = messages[0]['content'] | selectattr('type', 'equalto', 'text')"
-    " | map(attribute='text') | join('\\n') -%}{%- endif -%}"
+    "{%- set message = messages[0] -%}" + _MESSAGE_PARTS + "{%- set system_message = ns.text -%}"
     "{%- set loop_messages = messages[1:] -%}"
     "{%- else -%}{%- set system_message = default_system -%}{%- set loop_messages = messages -%}{%- endif -%}"
-    "{{- bos_token -}}"
-    "{%- for message in loop_messages -%}"
-    "{%- if message['content'] is string -%}{%- set text = message['content'] -%}{%- set num_images = 0 -%}"
-    "{%- else -%}"
-    "{%- set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('\\n') -%}"
-    "{%- set num_images = message['content'] | selectattr('type', 'equalto', 'image') | list | length -%}"
-    "{%- endif -%}"
+    "{{- bos_token + bos_token -}}"
+    "{%- for message in loop_messages -%}" + _MESSAGE_PARTS +
     "{%- if message['role'] == 'user' -%}"
     "{{- '[INST] ' -}}"
     "{%- if loop.first and system_message -%}{{- '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' -}}{%- endif -%}"
-    "{{- '<image>\\n' * num_images + text + ' [/INST]' -}}"
+    "{{- '<image>\\n' * num_images + ns.text + ' [/INST]' -}}"
     "{%- elif message['role'] == 'assistant' -%}"
-    "{%- generation -%}{{- ' ' + text + ' ' + eos_token -}}{%- endgeneration -%}"
+    "{%- generation -%}{{- ' ' + ns.text + ' ' + eos_token -}}{%- endgeneration -%}"
     "{%- endif -%}"
     "{%- endfor -%}"
 )
 
 
-# The original's `plain` format of pre-training (stage 1): BOS, the images, the caption and a newline; no roles, no
-# system text. Only the caption is marked for the loss.
+# The original's `plain` format of pre-training (stage 1): one BOS, the images, the caption and a newline; no roles,
+# no system text. Only the caption is marked for the loss.
 PLAIN_CHAT_TEMPLATE = (
     "{{- bos_token -}}"
-    "{%- for message in messages -%}"
-    "{%- if message['content'] is string -%}{%- set text = message['content'] -%}{%- set num_images = 0 -%}"
-    "{%- else -%}"
-    "{%- set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('\\n') -%}"
-    "{%- set num_images = message['content'] | selectattr('type', 'equalto', 'image') | list | length -%}"
-    "{%- endif -%}"
+    "{%- for message in messages -%}" + _MESSAGE_PARTS +
     "{%- if message['role'] == 'user' -%}{{- '<image>' * num_images -}}"
-    "{%- elif message['role'] == 'assistant' -%}{%- generation -%}{{- text + '\\n' -}}{%- endgeneration -%}"
+    "{%- elif message['role'] == 'assistant' -%}{%- generation -%}{{- ns.text + '\\n' -}}{%- endgeneration -%}"
     "{%- endif -%}"
     "{%- endfor -%}"
 )
@@ -94,10 +98,16 @@ def _map_images(images, fn):
 
 class CuMoProcessor(LlavaProcessor):
     """Image processor + tokenizer + chat template. Each `<image>` in the text becomes one image token per patch of
-    the base grid (S2 scales keep the grid), filled by the model with that image's features."""
+    the base grid (S2 scales keep the grid), filled by the model with that image's features.
+
+    The chat template writes every special token, so the tokenizer is set to add none of its own (its automatic
+    BOS is turned off): `processor(text=processor.apply_chat_template(...))`, `apply_chat_template(tokenize=True)`
+    and TRL's collator then give the same ids."""
 
     def __init__(self, image_processor=None, tokenizer=None, patch_size: int = 14, chat_template=None,
                  image_token: str = "<image>", **kwargs):
+        if getattr(tokenizer, "add_bos_token", False):
+            tokenizer.add_bos_token = False
         super().__init__(
             image_processor,
             tokenizer,

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer
-
+from hub_upload.sentencepiece_tokenizer import original_tokenizer
 from modeling_cumo import CuMoConfig, CuMoForConditionalGeneration, CuMoProcessor
 from modeling_cumo.processing_cumo import make_image_processor
 
@@ -19,10 +18,9 @@ IMAGE_SIZE, PATCH_SIZE = 28, 7  # a 4x4 patch grid: 16 image tokens per image
 
 
 def tiny_tokenizer():
-    """The 384-piece SentencePiece tokenizer of the reference checkpoint, plus `<image>` as a special token."""
-    tokenizer = AutoTokenizer.from_pretrained(DATA / "original_ckpt", extra_special_tokens={"image_token": "<image>"})
-    tokenizer.pad_token = tokenizer.unk_token
-    return tokenizer
+    """The 384-piece SentencePiece tokenizer of the reference checkpoint as the converter writes it (the original's
+    ids), plus `<image>` as a special token."""
+    return original_tokenizer(DATA / "original_ckpt")
 
 
 def tiny_config(vision_experts=0, projector_experts=0, text="mistral", scales=(1, 3), **overrides):

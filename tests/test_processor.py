@@ -24,9 +24,10 @@ CONVERSATION = [
 
 
 def test_chat_template_renders_mistral_instruct_system_exactly(processor):
+    """The original's prompt text, after the BOS its tokenizer adds (CuMo's template writes every special token)."""
     rendered = processor.apply_chat_template(CONVERSATION, add_generation_prompt=True)
     assert rendered == (
-        f"<s>[INST] <<SYS>>\n{SYSTEM}\n<</SYS>>\n\n<image>\nWhat is in this picture? [/INST] A red car. </s>"
+        f"<s><s>[INST] <<SYS>>\n{SYSTEM}\n<</SYS>>\n\n<image>\nWhat is in this picture? [/INST] A red car. </s>"
         "[INST] What color is the sky? [/INST]"
     )
     finished = processor.apply_chat_template(CONVERSATION[:2])
@@ -36,18 +37,18 @@ def test_chat_template_renders_mistral_instruct_system_exactly(processor):
 def test_chat_template_with_empty_system_message_is_mistral_instruct(processor):
     rendered = processor.apply_chat_template([{"role": "system", "content": ""}] + CONVERSATION)
     assert rendered == (
-        "<s>[INST] <image>\nWhat is in this picture? [/INST] A red car. </s>[INST] What color is the sky? [/INST]"
+        "<s><s>[INST] <image>\nWhat is in this picture? [/INST] A red car. </s>[INST] What color is the sky? [/INST]"
     )
 
 
-def test_tokenized_chat_expands_the_image_and_keeps_one_bos(processor):
+def test_tokenized_chat_expands_the_image_and_keeps_the_originals_two_bos(processor):
     conversation = [dict(CONVERSATION[0], content=[{"type": "image", "image": Image.new("RGB", (9, 5))},
                                                    CONVERSATION[0]["content"][1]])]
     inputs = processor.apply_chat_template(
         conversation, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
     )
     ids = inputs["input_ids"][0].tolist()
-    assert ids[:2] != [1, 1] and ids[0] == 1
+    assert ids[:3] == [1, 1, processor.tokenizer.convert_tokens_to_ids("▁[")]
     assert ids.count(processor.image_token_id) == (IMAGE_SIZE // PATCH_SIZE) ** 2
     assert inputs["pixel_values"].shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE)
 
