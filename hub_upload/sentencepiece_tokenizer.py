@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, normalizers
-from transformers import LlamaTokenizer, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerFast
 
 
 SPIECE_UNDERLINE = "▁"
@@ -74,4 +74,18 @@ def original_tokenizer(folder: str | Path, image_token: str = "<image>") -> PreT
     )
     tokenizer.add_bos_token = False
     tokenizer.add_eos_token = False
+    return tokenizer
+
+
+def cumo_tokenizer(folder: str | Path, image_token: str = "<image>") -> PreTrainedTokenizerFast:
+    """The tokenizer a new CuMo gets from its language model's folder: the original's SentencePiece behaviour where
+    the folder has a legacy `tokenizer.model` (Mistral, Llama), else the folder's own tokenizer; `<image>` added."""
+    folder = Path(folder)
+    settings = json.loads((folder / "tokenizer_config.json").read_text()) \
+        if (folder / "tokenizer_config.json").is_file() else {}
+    if (folder / "tokenizer.model").is_file() and settings.get("legacy") is not False:
+        return original_tokenizer(folder, image_token)
+    tokenizer = AutoTokenizer.from_pretrained(folder, extra_special_tokens={"image_token": image_token})
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     return tokenizer

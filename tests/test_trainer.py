@@ -105,27 +105,57 @@ def test_vit_from_scratch_experts_differ_from_the_dense_mlp(tmp_path):
                            model.model.multi_modal_projector.experts.up_proj[1])
 
 
-def test_vit_from_scratch_also_when_the_model_is_loaded_with_remote_code(tmp_path):
-    """A folder loaded with trust_remote_code has its own copies of CuMo's classes: random expert init must still
-    reach them (it once silently kept the copies, so 'from scratch' trained exactly like co-upcycling)."""
+def test_a_checkpoint_path_is_trained_with_this_packages_classes(tmp_path):
+    """The trainer loads a folder with the installed package's classes, never the folder's remote-code copy, and
+    random expert init reaches them (it once silently kept the copies, so 'from scratch' trained like co-upcycling);
+    a model loaded with remote code is refused with what to do instead."""
+    from transformers import AutoModelForImageTextToText
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    from modeling_cumo import CuMoForConditionalGeneration
+
     model = tiny_model()
     dense_fc1 = model.model.vision_tower.encoder.layers[0].mlp.fc1.weight.detach().clone()
     model.save_pretrained(tmp_path / "dense")
     tiny_processor().save_pretrained(tmp_path / "dense")
     trainer = make_trainer(tmp_path, "vit", str(tmp_path / "dense"), upcycle_experts_init="random")
     loaded = trainer.model
-    assert type(loaded).__module__.startswith("transformers_modules")
+    assert type(loaded) is CuMoForConditionalGeneration
     experts = loaded.model.vision_tower.encoder.layers[0].mlp.experts
     assert not any(torch.equal(experts.up_proj[e], dense_fc1) for e in range(4))
     assert not torch.equal(experts.up_proj[0], experts.up_proj[1])
+    # the Auto classes give the package's classes once it is imported, even with trust_remote_code: import the copy
+    remote_class = get_class_from_dynamic_module("modeling_cumo.CuMoForConditionalGeneration", str(tmp_path / "dense"))
+    remote = remote_class.from_pretrained(tmp_path / "dense")
+    assert type(remote).__module__.startswith("transformers_modules")
+    assert type(AutoModelForImageTextToText.from_pretrained(tmp_path / "dense", trust_remote_code=True)) is CuMoForConditionalGeneration
+    with pytest.raises(TypeError, match="CuMoForConditionalGeneration.from_pretrained"):
+        make_trainer(tmp_path, "vit", remote)
 
 
-def test_from_scratch_on_a_checkpoint_with_older_code_says_what_to_do(tmp_path):
-    model = tiny_model()
-    model.upcycle = lambda num_experts=4, num_experts_per_tok=2, vision=True, projector=True: model  # older code
-    with pytest.raises(ValueError, match="predates"):
-        make_trainer(tmp_path, "vit", model, upcycle_experts_init="random")
-    make_trainer(tmp_path, "vit", model)  # co-upcycling, the default, still works with such code
+def test_cumo_train_runs_the_package_code_whatever_remote_code_the_checkpoint_holds(tmp_path):
+    """A checkpoint's stale remote-code copy cannot change what `cumo-train` runs: here it would fail on import.
+    The trained folder gets fresh copies of the package's files."""
+    from pathlib import Path
+
+    import modeling_cumo
+    from trainer.train import main
+
+    folder = tmp_path / "dense"
+    tiny_model().save_pretrained(folder)
+    tiny_processor().save_pretrained(folder)
+    for name in ("modeling_cumo.py", "moe_cumo.py", "vision_cumo.py"):
+        (folder / name).write_text("raise RuntimeError('stale remote code')\n")
+    colour_dataset(8).save_to_disk(tmp_path / "data")
+    output = tmp_path / "vit"
+    main(["--model_name_or_path", str(folder), "--data_path", str(tmp_path / "data"), "--output_dir", str(output),
+          "--stage", "vit", "--max_steps", "2", "--per_device_train_batch_size", "4", "--use_cpu", "true",
+          "--report_to", "none", "--save_strategy", "no"])
+    config = json.loads((output / "config.json").read_text())
+    assert config["vision_num_experts"] == 4 and config["projector_num_experts"] == 4
+    package = Path(modeling_cumo.__file__).parent
+    for name in ("modeling_cumo.py", "moe_cumo.py", "vision_cumo.py", "configuration_cumo.py", "processing_cumo.py"):
+        assert (output / name).read_text() == (package / name).read_text(), name
 
 
 def test_bzloss_weights_can_be_switched_off(tmp_path):
@@ -157,6 +187,27 @@ def test_trainer_adds_the_models_own_bzloss(tmp_path, fused):
     assert loss.item() == pytest.approx(own.loss.item(), rel=1e-5)
     for name in ("vision_balance_loss", "projector_router_z_loss", "text_balance_loss", "text_router_z_loss"):
         assert trainer._metrics["train"][name][-1] == pytest.approx(getattr(own, name).item(), rel=1e-5)
+
+
+def test_evaluation_loss_equals_the_models_loss_with_labels(tmp_path):
+    """One rule for the MoE losses on every path: TRL's fused LM head keeps the labels from the model, and its
+    evaluation loss is still `model(..., labels=...).loss`, bzloss included."""
+    model = tiny_model(vision_experts=4, projector_experts=4, text="mixtral")
+    rows = colour_dataset(3)
+    trainer = CuMoSFTTrainer(
+        model=model, train_dataset=rows, eval_dataset=rows, processing_class=tiny_processor(),
+        args=CuMoSFTConfig(output_dir=str(tmp_path), stage="vit", report_to="none", use_cpu=True,
+                           per_device_eval_batch_size=3, prediction_loss_only=True),
+    )
+    metrics = trainer.evaluate()
+    batch = trainer.data_collator([rows[i] for i in range(3)])
+    model.eval()
+    with torch.no_grad():
+        own = model(**batch)
+    assert own.aux_loss.item() > 1e-3  # bzloss is a visible part of the loss
+    assert metrics["eval_loss"] == pytest.approx(own.loss.item(), rel=1e-5)
+    for name in ("vision_balance_loss", "projector_router_z_loss", "text_balance_loss"):
+        assert metrics[f"eval_{name}"] == pytest.approx(getattr(own, name).item(), rel=1e-5)
 
 
 def cross_entropy(logits, labels):
@@ -316,7 +367,10 @@ def test_cumo_init_builds_a_dense_cumo_from_clip_and_an_llm(tmp_path):
     ids = torch.tensor([[1, 40, 50, 60]])
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, llm(input_ids=ids).logits)
-    assert processor.apply_chat_template([{"role": "user", "content": "Hi"}]).startswith("<s>[INST] <<SYS>>")
+    prompt = processor.apply_chat_template([{"role": "user", "content": "Hi"}])
+    assert prompt.startswith("<s><s>[INST] <<SYS>>")
+    # a SentencePiece LLM folder gets the original's tokenization: "[INST]" after the BOS reads "▁["
+    assert processor(text=prompt)["input_ids"][0][:3] == [1, 1, processor.tokenizer.convert_tokens_to_ids("▁[")]
 
 
 def test_moe_blocks_become_zero3_leaf_modules():
@@ -327,7 +381,8 @@ def test_moe_blocks_become_zero3_leaf_modules():
 
     model = tiny_model(vision_experts=4, projector_experts=4, text="mixtral")
     classes = {cls.__name__ for cls in register_moe_leaf_modules(model)}
-    assert classes == {"CuMoSparseMLP", "CuMoMultiModalProjector", "MixtralSparseMoeBlock"}
+    assert classes == {"CuMoSparseMLP", "MixtralSparseMoeBlock"}  # one MoE block class for the vision MLPs and projector
     assert z3_leaf_module(model.model.vision_tower.encoder.layers[0].mlp)
+    assert z3_leaf_module(model.model.multi_modal_projector)
     assert z3_leaf_module(model.model.language_model.layers[0].mlp)
     assert not z3_leaf_module(model.model.vision_tower.encoder.layers[0].self_attn)

@@ -9,10 +9,11 @@ import argparse
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel, GenerationConfig
+from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionModel, GenerationConfig
 
 from modeling_cumo import CuMoConfig, CuMoForConditionalGeneration, CuMoProcessor
 from hub_upload.folders import image_processor_for
+from hub_upload.sentencepiece_tokenizer import cumo_tokenizer
 
 
 def clip_vision_config(vision_tower: str):
@@ -26,9 +27,7 @@ def clip_vision_config(vision_tower: str):
 def build(vision_tower: str, llm: str, scales=(1, 3), dtype: str = "float32", image_token: str = "<image>"):
     """The dense CuMo and its processor (nothing written)."""
     torch_dtype = getattr(torch, dtype)
-    tokenizer = AutoTokenizer.from_pretrained(llm, extra_special_tokens={"image_token": image_token})
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    tokenizer = cumo_tokenizer(llm, image_token)
     vision_config = clip_vision_config(vision_tower)
     language_model = AutoModelForCausalLM.from_pretrained(llm, dtype=torch_dtype)
     text_config = language_model.config
