@@ -25,14 +25,7 @@ except ImportError:  # transformers before 5.21
         return hidden_states[:, kept, :]
 
 from .configuration_cumo import CuMoConfig
-from .moe_cumo import (
-    CuMoExperts,
-    CuMoTopKRouter,
-    co_upcycle_,
-    count_inactive_expert_parameters,
-    init_moe_weights,
-    router_losses,
-)
+from .moe_cumo import CuMoExperts, CuMoSparseMLP, count_inactive_expert_parameters, init_moe_weights, moe_losses
 from .vision_cumo import CuMoVisionModel, s2_crops, s2_merge
 
 
@@ -43,8 +36,8 @@ def _field_names(output_class: type) -> frozenset[str]:
 
 class _CachedFieldsOutput:
     """ModelOutput's `__setattr__` lists the dataclass fields on every assignment, so building an output costs the
-    square of its field count; ours carry the router-loss terms too (13 fields), which made each decode step ~5%
-    slower than the bare LM's. Same behaviour, with the field names computed once per class."""
+    square of its field count, and ours carry the router-loss terms too (13 fields): a cost on every decode step.
+    Same behaviour, with the field names computed once per class."""
 
     def __setattr__(self, name, value):
         if value is not None and name in _field_names(type(self)):
@@ -88,7 +81,7 @@ class CuMoModelOutputWithPast(_CachedFieldsOutput, BaseModelOutputWithPast):
 @dataclass
 class CuMoCausalLMOutputWithPast(_CachedFieldsOutput, ModelOutput):
     r"""
-    loss: cross-entropy (with `labels`) plus `aux_loss` (when the MoE losses were computed: with labels or in training).
+    loss: cross-entropy (with `labels`) plus `aux_loss` (when the MoE losses were computed: in training or with labels).
     Other fields as in `CuMoModelOutputWithPast`.
     """
 
@@ -118,46 +111,40 @@ ROUTER_LOSS_FIELDS = (
 
 
 class CuMoMultiModalProjector(nn.Module):
-    """Linear -> GELU -> Linear from S2 features to the LM width: dense (LLaVA's weight names) or a top-k MoE of
-    such MLPs. Returns the projected features and, for the MoE, the router logits `(images, patches, experts)`."""
+    """The dense projector, Linear -> GELU -> Linear from S2 features to the LM width, with LLaVA's weight names."""
 
     def __init__(self, config: CuMoConfig):
         super().__init__()
-        self.in_features = config.vision_config.hidden_size * len(config.scales)
-        self.out_features = config.text_config.hidden_size
-        self.hidden_act = config.projector_hidden_act
-        if config.projector_is_moe:
-            self._make_sparse(config, config.projector_num_experts, config.projector_num_experts_per_tok)
-        else:
-            self.linear_1 = nn.Linear(self.in_features, self.out_features)
-            self.act = ACT2FN[self.hidden_act]
-            self.linear_2 = nn.Linear(self.out_features, self.out_features)
+        in_features, out_features = config.vision_config.hidden_size * len(config.scales), config.text_config.hidden_size
+        self.linear_1 = nn.Linear(in_features, out_features)
+        self.act = ACT2FN[config.projector_hidden_act]
+        self.linear_2 = nn.Linear(out_features, out_features)
 
-    def _make_sparse(self, config, num_experts: int, num_experts_per_tok: int) -> None:
-        self.gate = CuMoTopKRouter(self.in_features, num_experts, num_experts_per_tok)
-        self.experts = CuMoExperts(
-            config, num_experts, self.in_features, self.out_features, self.out_features, self.hidden_act
-        )
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(features)))
 
-    @property
-    def is_moe(self) -> bool:
-        return hasattr(self, "experts")
 
-    @torch.no_grad()
-    def upcycle(self, config, num_experts: int, num_experts_per_tok: int, router_std: float) -> None:
-        weight = self.linear_1.weight
-        self._make_sparse(config, num_experts, num_experts_per_tok)
-        self.to(weight.device, weight.dtype)
-        co_upcycle_(self.gate, self.experts, self.linear_1, self.linear_2, router_std)
-        del self.linear_1, self.act, self.linear_2
+def make_projector(config: CuMoConfig) -> CuMoMultiModalProjector | CuMoSparseMLP:
+    """The projector `config` asks for: dense, or a top-k MoE of such MLPs (eager experts: it changes the width)."""
+    if not config.projector_is_moe:
+        return CuMoMultiModalProjector(config)
+    in_features, out_features = config.vision_config.hidden_size * len(config.scales), config.text_config.hidden_size
+    return CuMoSparseMLP(config, in_features, out_features, out_features, config.projector_hidden_act,
+                         config.projector_num_experts, config.projector_num_experts_per_tok, experts_class=CuMoExperts)
 
-    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if not self.is_moe:
-            return self.linear_2(self.act(self.linear_1(features))), None
-        flat = features.reshape(-1, features.shape[-1])
-        router_logits, top_k_weights, top_k_index = self.gate(flat)
-        out = self.experts(flat, top_k_index, top_k_weights)
-        return out.reshape(*features.shape[:-1], -1), router_logits.reshape(*features.shape[:-1], -1)
+
+class _ReachableFrom(torch.autograd.Function):
+    """Identity on `hidden`, with `aux` as an extra input whose gradient is None: the aux loss becomes visible from
+    the hidden states (DDP's unused-parameter search walks the graph from a forward's outputs) without changing any
+    gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, aux):
+        return hidden.view_as(hidden)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
 
 
 class CuMoPreTrainedModel(PreTrainedModel):
@@ -201,7 +188,7 @@ class CuMoModel(CuMoPreTrainedModel):
         super().__init__(config)
         experts = config.vision_num_experts if config.vision_is_moe else 0
         self.vision_tower = CuMoVisionModel(config.vision_config, experts, config.vision_num_experts_per_tok)
-        self.multi_modal_projector = CuMoMultiModalProjector(config)
+        self.multi_modal_projector = make_projector(config)
         self.language_model = AutoModel.from_config(config.text_config)
         self.post_init()
 
@@ -228,22 +215,23 @@ class CuMoModel(CuMoPreTrainedModel):
                 f"Upcycling needs num_experts >= 2 and 1 <= num_experts_per_tok <= num_experts, "
                 f"got {num_experts} and {num_experts_per_tok}."
             )
-        vision = vision and not self.vision_tower.is_moe
-        projector = projector and not self.multi_modal_projector.is_moe
+        config = self.config
+        vision = vision and not config.vision_is_moe
+        projector = projector and not config.projector_is_moe
         if not (vision or projector):
             raise ValueError("Nothing to upcycle: the requested blocks are already MoE.")
         if vision:
+            config.vision_num_experts, config.vision_num_experts_per_tok = num_experts, num_experts_per_tok
             self.vision_tower.upcycle(num_experts, num_experts_per_tok)
-            self.config.vision_num_experts, self.config.vision_num_experts_per_tok = num_experts, num_experts_per_tok
         if projector:
-            std = self.config.text_config.initializer_range
-            self.multi_modal_projector.upcycle(self.config, num_experts, num_experts_per_tok, std)
-            self.config.projector_num_experts = num_experts
-            self.config.projector_num_experts_per_tok = num_experts_per_tok
+            config.projector_num_experts, config.projector_num_experts_per_tok = num_experts, num_experts_per_tok
+            dense = self.multi_modal_projector
+            sparse = make_projector(config).to(dense.linear_1.weight.device, dense.linear_1.weight.dtype)
+            std = config.text_config.initializer_range
+            self.multi_modal_projector = sparse.co_upcycle_(dense.linear_1, dense.linear_2, std)
         if experts_init == "random":
-            # Here, not in the trainer: a model loaded with remote code has its own copies of these classes.
-            for blocks, std, upcycled in ((self.vision_tower, self.config.vision_config.initializer_range, vision),
-                                          (self.multi_modal_projector, self.config.text_config.initializer_range, projector)):
+            for blocks, std, upcycled in ((self.vision_tower, config.vision_config.initializer_range, vision),
+                                          (self.multi_modal_projector, config.text_config.initializer_range, projector)):
                 if upcycled:
                     blocks.apply(lambda module: init_moe_weights(module, std))
 
@@ -264,7 +252,8 @@ class CuMoModel(CuMoPreTrainedModel):
                 f"{vision_config.image_size}), got {tuple(pixel_values.shape)}. Use the model's processor."
             )
         num_images = pixel_values.shape[0]
-        vision_losses = compute_router_losses and self.vision_tower.is_moe
+        vision_losses = compute_router_losses and config.vision_is_moe
+        projector_losses = compute_router_losses and config.projector_is_moe
         num_feature_layers = config.num_feature_layers
         num_layers = vision_config.num_hidden_layers if vision_losses else num_feature_layers
 
@@ -281,30 +270,29 @@ class CuMoModel(CuMoPreTrainedModel):
         )
         hidden = tower.hidden_states[num_feature_layers] if features_inside else tower.last_hidden_state
         vision_features = s2_merge(hidden[:, 1:], config.scales, num_images)  # CLS dropped
-        projected, projector_logits = self.multi_modal_projector(vision_features)
+        if projector_losses:
+            projected, projector_logits = self.multi_modal_projector(vision_features, output_router_logits=True)
+        else:
+            projected = self.multi_modal_projector(vision_features)
 
         output = CuMoImageFeaturesOutput(last_hidden_state=vision_features, pooler_output=projected)
-        if vision_losses:
-            output.vision_balance_loss, output.vision_router_z_loss = self._vision_router_losses(
-                tower.router_logits, num_images
-            )
-        if compute_router_losses and projector_logits is not None:
-            balance, z = router_losses(projector_logits)
-            output.projector_balance_loss, output.projector_router_z_loss = balance.mean(), z.mean()
+        if vision_losses:  # per crop, averaged over each scale's crops, over layers, then over scales
+            crops_per_scale = [scale * scale * num_images for scale in config.scales]
+            output.vision_balance_loss, output.vision_router_z_loss = moe_losses(tower.router_logits, crops_per_scale)
+        if projector_losses:  # per image
+            output.projector_balance_loss, output.projector_router_z_loss = moe_losses((projector_logits,), [num_images])
         return output
 
-    def _vision_router_losses(self, router_logits: tuple[torch.Tensor, ...], num_images: int):
-        """Per crop and layer, then averaged over the crops of each scale, over layers, and over scales."""
-        logits = torch.stack(router_logits)  # (layers, crops * tokens, experts)
-        crops_per_scale = [scale * scale * num_images for scale in self.config.scales]
-        num_crops = sum(crops_per_scale)
-        num_layers, _, num_experts = logits.shape
-        balance, z = router_losses(logits.reshape(num_layers * num_crops, -1, num_experts))
-        per_scale = [
-            torch.stack([part.mean(dim=1) for part in loss.view(num_layers, num_crops).split(crops_per_scale, dim=1)])
-            for loss in (balance, z)
-        ]  # each (scales, layers)
-        return per_scale[0].mean(dim=1).mean(), per_scale[1].mean(dim=1).mean()
+    def parameters_without_gradient(self) -> list[nn.Parameter]:
+        """The vision parameters no loss reaches: a dense tower never runs the layers past its feature layer; an MoE
+        tower runs the last layer for its routers' losses only, so that layer's experts get none (as in the original)."""
+        layers = self.vision_tower.encoder.layers
+        num_feature_layers = self.config.num_feature_layers
+        if num_feature_layers == len(layers):
+            return []
+        if self.config.vision_is_moe:
+            return list(layers[-1].mlp.experts.parameters())
+        return [p for layer in layers[num_feature_layers:] for p in layer.parameters()]
 
     def _image_token_positions(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
         embeddings = self.get_input_embeddings()
@@ -338,7 +326,10 @@ class CuMoModel(CuMoPreTrainedModel):
         r"""
         mm_encoder_outputs (`dict`, *optional*): `{"image": model.get_image_features(pixel_values)}` computed
             beforehand, e.g. once per chat conversation, instead of `pixel_values`.
-        compute_router_losses (`bool`, *optional*): compute the MoE losses (default: in training mode).
+        compute_router_losses (`bool`, *optional*): compute the MoE losses. The rule: whenever a loss is computed, so by
+            default in training mode, and with `labels` (`CuMoForConditionalGeneration`); a caller that computes the
+            loss itself without training mode asks with `True` (CuMoSFTTrainer does: TRL's fused LM head keeps the
+            labels from this model).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
@@ -378,19 +369,24 @@ class CuMoModel(CuMoPreTrainedModel):
         if text_losses:
             # One "sample" of all the batch's tokens, averaged over layers. Unlike the original, padding is left
             # out, as transformers' Mixtral does.
-            text_logits = torch.stack(outputs.router_logits)  # (layers, batch * sequence, experts)
+            text_logits = outputs.router_logits
             if attention_mask is not None and attention_mask.ndim == 2:
                 real = attention_mask[:, -inputs_embeds.shape[1] :].reshape(-1).bool()
-                text_logits = text_logits[:, real.to(text_logits.device)]
-            balance, z = router_losses(text_logits)
-            losses["text_balance_loss"], losses["text_router_z_loss"] = balance.mean(), z.mean()
+                text_logits = [logits[real.to(logits.device)] for logits in text_logits]
+            losses["text_balance_loss"], losses["text_router_z_loss"] = moe_losses(text_logits, [1])
+        aux_loss = self._aux_loss(losses) if compute_router_losses else None
+        last_hidden_state = outputs.last_hidden_state
+        if aux_loss is not None and aux_loss.requires_grad:
+            # A caller may add the aux loss outside this forward (TRL's fused LM head): the routers only it reaches
+            # (the last CLIP layer's) would then look unused to DDP at the end of the forward, then get a gradient
+            last_hidden_state = _ReachableFrom.apply(last_hidden_state, aux_loss)
         return CuMoModelOutputWithPast(
-            last_hidden_state=outputs.last_hidden_state,
+            last_hidden_state=last_hidden_state,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=image_features,
-            aux_loss=self._aux_loss(losses) if compute_router_losses else None,
+            aux_loss=aux_loss,
             **losses,
         )
 
@@ -435,6 +431,12 @@ class CuMoForConditionalGeneration(CuMoPreTrainedModel, GenerationMixin):
                            experts_init=experts_init)
         return self
 
+    def freeze_parameters_without_gradient(self) -> None:
+        """Freeze what no loss reaches (`CuMoModel.parameters_without_gradient`), so that data-parallel training
+        needs no unused-parameter search for them (activation checkpointing breaks that search)."""
+        for parameter in self.model.parameters_without_gradient():
+            parameter.requires_grad_(False)
+
     def num_activated_parameters(self) -> int:
         """Parameters one token uses: all of them minus the experts it is not routed to (paper, Table 7)."""
         return self.num_parameters() - count_inactive_expert_parameters(self)
@@ -450,13 +452,17 @@ class CuMoForConditionalGeneration(CuMoPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         mm_encoder_outputs: dict[str, CuMoImageFeaturesOutput] | None = None,
+        compute_router_losses: bool | None = None,
         **kwargs,
     ) -> CuMoCausalLMOutputWithPast:
         r"""
         labels (`torch.LongTensor` of shape `(batch, sequence)`, *optional*): next-token targets, -100 to ignore;
             image placeholder positions are always ignored.
+        compute_router_losses (`bool`, *optional*): compute the MoE losses (default: in training mode or with `labels`,
+            the rule of `CuMoModel.forward`).
         """
-        compute_router_losses = labels is not None or self.training
+        if compute_router_losses is None and labels is not None:
+            compute_router_losses = True
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -494,7 +500,7 @@ class CuMoForConditionalGeneration(CuMoPreTrainedModel, GenerationMixin):
 
 
 # generate() inspects the forward signature of every remote-code model at every decode step (transformers 5.x,
-# `prepare_inputs_for_generation`); a precomputed signature makes that lookup free instead of ~5% of a small step.
+# `prepare_inputs_for_generation`); a precomputed signature makes that lookup free.
 CuMoForConditionalGeneration.forward.__signature__ = inspect.signature(CuMoForConditionalGeneration.forward)
 CuMoForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 

@@ -67,9 +67,8 @@ class CuMoExperts(nn.Module):
 
 
 def per_device_experts_kernel(hidden_states: torch.Tensor) -> str:
-    """The kernel `experts_implementation="auto"` runs: on the CPU the eager grouped loop (1.4x faster than
-    `grouped_mm` for the vision path, 1.2x for a whole training step at CLIP 512-wide: benchmarks/README.md),
-    elsewhere transformers' `grouped_mm`, its own default."""
+    """The kernel `experts_implementation="auto"` runs: on the CPU the eager grouped loop, which beats `grouped_mm`
+    there (benchmarks/moe_block.py measures both), elsewhere transformers' `grouped_mm`, its own default."""
     return "eager" if hidden_states.device.type == "cpu" else "grouped_mm"
 
 
@@ -86,36 +85,41 @@ CUMO_EXPERTS_FUNCTIONS["auto"] = _per_device_experts_forward
 
 @use_experts_implementation(experts_interface=CUMO_EXPERTS_FUNCTIONS, has_gate=False, has_bias=True)
 class CuMoVisionExperts(CuMoExperts):
-    """CLIP MLP experts. Their width is preserved, so transformers' experts kernels (`grouped_mm`, `batched_mm`, ...)
-    apply; `config._experts_implementation` of the vision config picks one ("eager" is the forward above, "auto",
-    the default, picks per device with `per_device_experts_kernel`)."""
+    """Experts that keep the width (an encoder's MLPs), so transformers' experts kernels (`grouped_mm`, `batched_mm`,
+    ...) apply; `config._experts_implementation` picks one ("eager" is the forward above, "auto", the default, picks
+    per device with `per_device_experts_kernel`)."""
 
 
 class CuMoSparseMLP(nn.Module):
-    """A drop-in replacement for CLIP's MLP: route each token to its top-k experts and mix their outputs."""
+    """CuMo's one sparse MoE block (each encoder layer's MLP, and the projector): route each token to its top-k
+    experts and mix their outputs. A drop-in for a two-layer MLP `down(act(up(x)))`; the projector changes the width,
+    which the experts kernels cannot, so it passes `experts_class=CuMoExperts` (the eager loop)."""
 
     def __init__(self, config, in_features: int, hidden_features: int, out_features: int, hidden_act: str,
-                 num_experts: int, num_experts_per_tok: int):
+                 num_experts: int, num_experts_per_tok: int, experts_class: type[CuMoExperts] = CuMoVisionExperts):
         super().__init__()
         self.gate = CuMoTopKRouter(in_features, num_experts, num_experts_per_tok)
-        self.experts = CuMoVisionExperts(config, num_experts, in_features, hidden_features, out_features, hidden_act)
+        self.experts = experts_class(config, num_experts, in_features, hidden_features, out_features, hidden_act)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        leading_shape = hidden_states.shape[:-1]
+    def forward(self, hidden_states: torch.Tensor, output_router_logits: bool = False):
+        """Returns the mixed outputs, and with `output_router_logits` also the router logits `(tokens, experts)`
+        (an encoder's are recorded by its `OutputRecorder` on the router instead)."""
         flat = hidden_states.reshape(-1, hidden_states.shape[-1])
-        _, top_k_weights, top_k_index = self.gate(flat)
-        out = self.experts(flat, top_k_index, top_k_weights)
-        return out.reshape(*leading_shape, out.shape[-1])
+        router_logits, top_k_weights, top_k_index = self.gate(flat)
+        out = self.experts(flat, top_k_index, top_k_weights).reshape(*hidden_states.shape[:-1], -1)
+        return (out, router_logits) if output_router_logits else out
 
-@torch.no_grad()
-def co_upcycle_(gate: CuMoTopKRouter, experts: CuMoExperts, up: nn.Linear, down: nn.Linear, router_std: float) -> None:
-    """Co-upcycling, in place: every expert becomes a copy of the dense MLP `down(act(up(x)))`; the router starts
-    fresh. Since the k routing weights sum to 1, the block then computes exactly what the dense MLP did."""
-    experts.up_proj.copy_(up.weight.expand_as(experts.up_proj))
-    experts.up_proj_bias.copy_(up.bias.expand_as(experts.up_proj_bias))
-    experts.down_proj.copy_(down.weight.expand_as(experts.down_proj))
-    experts.down_proj_bias.copy_(down.bias.expand_as(experts.down_proj_bias))
-    gate.weight.normal_(0.0, router_std)
+    @torch.no_grad()
+    def co_upcycle_(self, up: nn.Linear, down: nn.Linear, router_std: float) -> "CuMoSparseMLP":
+        """Co-upcycling, in place: every expert becomes a copy of the dense MLP `down(act(up(x)))`; the router starts
+        fresh. Since the k routing weights sum to 1, the block then computes exactly what the dense MLP did."""
+        experts = self.experts
+        experts.up_proj.copy_(up.weight.expand_as(experts.up_proj))
+        experts.up_proj_bias.copy_(up.bias.expand_as(experts.up_proj_bias))
+        experts.down_proj.copy_(down.weight.expand_as(experts.down_proj))
+        experts.down_proj_bias.copy_(down.bias.expand_as(experts.down_proj_bias))
+        self.gate.weight.normal_(0.0, router_std)
+        return self
 
 
 def init_moe_weights(module: nn.Module, std: float) -> None:
@@ -143,6 +147,22 @@ def router_losses(router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     balance = num_experts * (probs.mean(dim=1) * top1.mean(dim=1)).sum(dim=-1)
     z = torch.logsumexp(logits, dim=-1).square().mean(dim=1)
     return balance, z
+
+
+def moe_losses(router_logits: tuple[torch.Tensor, ...], samples: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """bzloss terms of one MoE module, as the original accounts them. `router_logits` holds one
+    `(sum(samples) * tokens, experts)` tensor per layer, its samples in order and split into groups of `samples`
+    (the S2 scales' crops; the images; one sample of all tokens): per sample and layer, then averaged over each
+    group's samples, over layers, and over groups."""
+    logits = torch.stack(tuple(router_logits))  # (layers, samples * tokens, experts)
+    num_layers, _, num_experts = logits.shape
+    num_samples = sum(samples)
+    balance, z = router_losses(logits.reshape(num_layers * num_samples, -1, num_experts))
+    per_group = [
+        torch.stack([part.mean(dim=1) for part in loss.view(num_layers, num_samples).split(samples, dim=1)])
+        for loss in (balance, z)
+    ]  # each (groups, layers)
+    return per_group[0].mean(dim=1).mean(), per_group[1].mean(dim=1).mean()
 
 
 def count_inactive_expert_parameters(model: nn.Module) -> int:

@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPVisionConfig, CLIPVisionModel
 from transformers.modeling_outputs import BaseModelOutput
-from transformers.models.clip.modeling_clip import CLIPMLP, CLIPEncoderLayer, CLIPPreTrainedModel
+from transformers.models.clip.modeling_clip import CLIPEncoderLayer, CLIPPreTrainedModel
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .moe_cumo import CuMoTopKRouter, CuMoSparseMLP, co_upcycle_, init_moe_weights
+from .moe_cumo import CuMoSparseMLP, CuMoTopKRouter, init_moe_weights
 
 
 @dataclass
@@ -60,19 +60,14 @@ class CuMoVisionModel(CLIPVisionModel):
         super()._init_weights(module)
         init_moe_weights(module, self.config.initializer_range)
 
-    @property
-    def is_moe(self) -> bool:
-        return any(isinstance(layer.mlp, CuMoSparseMLP) for layer in self.encoder.layers)
-
     @torch.no_grad()
     def upcycle(self, num_experts: int, num_experts_per_tok: int) -> None:
-        """Replace every dense MLP by an MoE block whose experts are copies of it (co-upcycling)."""
+        """Replace every dense MLP (`fc1` -> act -> `fc2`) by an MoE block whose experts are copies of it."""
         for layer in self.encoder.layers:
-            if isinstance(layer.mlp, CLIPMLP):
-                dense = layer.mlp
+            dense = layer.mlp
+            if not isinstance(dense, CuMoSparseMLP):
                 sparse = self._sparse_mlp(num_experts, num_experts_per_tok).to(dense.fc1.weight.device, dense.fc1.weight.dtype)
-                co_upcycle_(sparse.gate, sparse.experts, dense.fc1, dense.fc2, self.config.initializer_range)
-                layer.mlp = sparse
+                layer.mlp = sparse.co_upcycle_(dense.fc1, dense.fc2, self.config.initializer_range)
 
     @capture_outputs(tie_last_hidden_states=False)
     def forward(self, pixel_values: torch.Tensor, num_layers: int | None = None, route_only_last: bool = False,

@@ -114,3 +114,24 @@ def test_no_losses_at_inference_and_no_text_losses_for_a_dense_lm():
     assert plain.loss is None and plain.aux_loss is None and plain.vision_balance_loss is None
     assert labelled.vision_balance_loss is not None and labelled.projector_router_z_loss is not None
     assert labelled.text_balance_loss is None and labelled.text_router_z_loss is None
+
+
+def test_the_aux_loss_stays_reachable_from_the_hidden_states():
+    """DDP looks for unused parameters from a forward's outputs, and TRL's fused LM head adds the aux loss outside the
+    model: the last CLIP layer's router, which only the aux loss reaches, must be on the hidden states' graph, with
+    no gradient flowing to it from there."""
+    model = tiny_model(vision_experts=4).train()
+    input_ids, attention_mask = image_prompt([1])
+    out = model.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=random_pixels(1))
+    router = model.model.vision_tower.encoder.layers[-1].mlp.gate.weight
+    reached, seen, nodes = False, set(), [out.last_hidden_state.grad_fn]
+    while nodes:
+        node = nodes.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        reached = reached or getattr(node, "variable", None) is router
+        nodes.extend(next_node for next_node, _ in node.next_functions)
+    assert reached
+    (grad,) = torch.autograd.grad(out.last_hidden_state.sum(), router, allow_unused=True)
+    assert grad is None or grad.abs().max() == 0

@@ -8,7 +8,7 @@ import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from conftest import IMAGE_SIZE, PATCH_SIZE, random_pixels, tiny_config, tiny_model
-from modeling_cumo.moe_cumo import CuMoExperts, CuMoSparseMLP
+from modeling_cumo.moe_cumo import CuMoExperts, CuMoSparseMLP, moe_losses
 from modeling_cumo.vision_cumo import s2_crops, s2_merge
 
 
@@ -36,14 +36,19 @@ def image_prompt(num_images_per_row, length=6, seed=0):
 
 def test_upcycle_preserves_logits_and_updates_config():
     model = tiny_model(vision_experts=0, projector_experts=0)
+    dense_projector = model.model.multi_modal_projector
     input_ids, attention_mask = image_prompt([1, 2])
     pixel_values = random_pixels(3)
     with torch.no_grad():
         dense = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values).logits
     assert model.upcycle(num_experts=4, num_experts_per_tok=2) is model
     assert all(isinstance(layer.mlp, CuMoSparseMLP) for layer in model.model.vision_tower.encoder.layers)
-    assert model.model.multi_modal_projector.is_moe
+    # the dense projector module is replaced by the same MoE block class the vision MLPs use
+    assert isinstance(model.model.multi_modal_projector, CuMoSparseMLP) and model.model.multi_modal_projector is not dense_projector
     assert (model.config.vision_num_experts, model.config.projector_num_experts) == (4, 4)
+    assert model.config.vision_is_moe and model.config.projector_is_moe
+    # the same weight names as a model built MoE from its config: an upcycled model saves and loads as such
+    assert model.state_dict().keys() == tiny_model(vision_experts=4, projector_experts=4).state_dict().keys()
     with torch.no_grad():
         sparse = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values).logits
     assert (sparse - dense)[attention_mask.bool()].abs().max() <= 1e-5
@@ -57,7 +62,9 @@ def test_upcycle_preserves_logits_and_updates_config():
 def test_upcycle_projector_only():
     model = tiny_model()
     model.upcycle(num_experts=3, num_experts_per_tok=1, vision=False)
-    assert not model.model.vision_tower.is_moe and model.model.multi_modal_projector.is_moe
+    assert not model.config.vision_is_moe and model.config.projector_is_moe
+    assert not any(isinstance(layer.mlp, CuMoSparseMLP) for layer in model.model.vision_tower.encoder.layers)
+    assert isinstance(model.model.multi_modal_projector, CuMoSparseMLP)
     assert model.config.projector_num_experts_per_tok == 1 and model.config.vision_num_experts == 0
 
 
@@ -209,7 +216,7 @@ def test_vision_tower_skips_the_last_layer_at_inference_and_its_experts_always()
         full = tower(s2_crops(pixels, model.config.scales), output_router_logits=True)  # every layer, fully
     assert experts_calls == [1]
     assert torch.equal(inference.pooler_output, training.pooler_output)
-    balance, z = model.model._vision_router_losses(full.router_logits, num_images=2)
+    balance, z = moe_losses(full.router_logits, [scale * scale * 2 for scale in model.config.scales])
     assert training.vision_balance_loss.item() == pytest.approx(balance.item(), rel=1e-6)
     assert training.vision_router_z_loss.item() == pytest.approx(z.item(), rel=1e-6)
 
@@ -294,3 +301,16 @@ def test_random_upcycling_initialises_only_the_blocks_it_upcycles():
     assert not torch.equal(projector[0], projector[1])  # fresh experts, not four copies of the dense layer
     with pytest.raises(ValueError, match="experts_init"):
         tiny_model().upcycle(4, 2, experts_init="zeros")
+
+
+@pytest.mark.parametrize("vision_experts", [0, 4])
+def test_the_model_lists_exactly_the_parameters_no_loss_reaches(vision_experts):
+    """Dense: the layers past the feature layer never run; MoE: the last layer runs for its routers' losses, so only
+    its experts get no gradient. Everything else does (a training step with labels, every loss on)."""
+    model = tiny_model(vision_experts=vision_experts, projector_experts=vision_experts).train()
+    input_ids, attention_mask = image_prompt([1, 2])
+    model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=random_pixels(3), labels=input_ids).loss.backward()
+    without = {id(p) for p in model.model.parameters_without_gradient()}
+    assert without and without == {id(p) for p in model.parameters() if p.grad is None}
+    model.freeze_parameters_without_gradient()
+    assert {id(p) for p in model.parameters() if not p.requires_grad} == without

@@ -77,3 +77,21 @@ def test_saved_folder_loads_with_auto_classes_without_the_project(tmp_path):
     assert torch.equal(results["pixel_values"], inputs["pixel_values"])
     for auto in ("AutoModel", "AutoModelForImageTextToText"):
         assert (results[auto] - expected).abs().max() <= 1e-6, auto
+
+
+def test_with_the_package_installed_the_auto_classes_use_its_classes(tmp_path):
+    """Without `trust_remote_code`, a folder loads with the installed package's classes: its remote-code copy (here
+    broken) is never imported."""
+    from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
+
+    import modeling_cumo
+
+    folder = tmp_path / "cumo-tiny"
+    tiny_model(vision_experts=4, projector_experts=4).save_pretrained(folder)
+    tiny_processor().save_pretrained(folder)
+    for name in ("configuration_cumo.py", "modeling_cumo.py", "processing_cumo.py"):
+        (folder / name).write_text("raise RuntimeError('stale remote code')\n")
+    assert type(AutoConfig.from_pretrained(folder)) is modeling_cumo.CuMoConfig
+    assert type(AutoProcessor.from_pretrained(folder)) is modeling_cumo.CuMoProcessor
+    for auto in (AutoModel, AutoModelForImageTextToText):
+        assert type(auto.from_pretrained(folder)) is modeling_cumo.CuMoForConditionalGeneration

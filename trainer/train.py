@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from datasets import load_dataset, load_from_disk
-from transformers import AutoModelForImageTextToText, AutoProcessor
 from trl import ModelConfig, TrlParser, get_peft_config
+
+from modeling_cumo import CuMoForConditionalGeneration, CuMoProcessor
 
 from .config import CuMoSFTConfig
 from .data import load_llava_json
@@ -47,11 +48,12 @@ def main(argv=None):
     data_args, training_args, model_args = parser.parse_args_and_config(args=argv)
     if model_args.model_name_or_path is None:
         parser.error("--model_name_or_path is required (a CuMo folder, e.g. from cumo-init or the previous stage)")
-    model = AutoModelForImageTextToText.from_pretrained(
-        model_args.model_name_or_path, trust_remote_code=True, revision=model_args.model_revision,
-        dtype=model_args.dtype or "auto", attn_implementation=model_args.attn_implementation,
+    # This package's classes, whatever remote-code copy the folder holds (saving writes fresh copies)
+    model = CuMoForConditionalGeneration.from_pretrained(
+        model_args.model_name_or_path, revision=model_args.model_revision, dtype=model_args.dtype or "auto",
+        attn_implementation=model_args.attn_implementation,
     )
-    processor = AutoProcessor.from_pretrained(model_args.model_name_or_path, trust_remote_code=True)
+    processor = CuMoProcessor.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
     peft_config = get_peft_config(model_args)
     if peft_config is not None:
         # LoRA on the language model; the projector (and the vision tower after pre-training) train in full

@@ -34,9 +34,8 @@ def selectivity(attention: torch.Tensor, quadrant_of: torch.Tensor, target: int,
 
 @torch.no_grad()
 def measure(model_folder: Path, data: Path, questions: int = 150) -> dict:
-    model = AutoModelForImageTextToText.from_pretrained(model_folder, trust_remote_code=True,
-                                                        attn_implementation="eager").eval()
-    processor = AutoProcessor.from_pretrained(model_folder, trust_remote_code=True)
+    model = AutoModelForImageTextToText.from_pretrained(model_folder, attn_implementation="eager").eval()
+    processor = AutoProcessor.from_pretrained(model_folder)
     image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
     scenes = {row["image"]: world.parse_caption(row["conversations"][1]["value"])
               for row in json.loads((data / "heldout_captions.json").read_text())}

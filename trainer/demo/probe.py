@@ -54,8 +54,8 @@ def probe_accuracy(train_x, train_y, test_x, test_y, classes: int, ridge: float 
 
 
 def run_probes(model_folder: Path, data: Path, train_images: int = 600, heldout_images: int = 200) -> dict:
-    model = AutoModelForImageTextToText.from_pretrained(model_folder, trust_remote_code=True).eval()
-    processor = AutoProcessor.from_pretrained(model_folder, trust_remote_code=True)
+    model = AutoModelForImageTextToText.from_pretrained(model_folder).eval()
+    processor = AutoProcessor.from_pretrained(model_folder)
     train_x, train_y = object_tokens(model, processor, data, "train", train_images)
     test_x, test_y = object_tokens(model, processor, data, "heldout", heldout_images)
     report = {}
