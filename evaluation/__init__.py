@@ -1,0 +1,1 @@
+"""lmms-eval integration: the `cumo` model and the demo world as a task (`cumo_shapes`)."""

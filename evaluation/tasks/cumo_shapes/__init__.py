@@ -1,0 +1,1 @@
+"""The demo world as an lmms-eval task."""
