@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import CONFIG_MAPPING, CLIPVisionConfig, GenerationConfig
 
-from modeling_cumo import CuMoConfig, CuMoProcessor
+from modeling_cumo import CuMoConfig, CuMoForConditionalGeneration, CuMoProcessor
 
 from .folders import copy_remote_code, image_processor_for
 from .sentencepiece_tokenizer import original_tokenizer
@@ -151,20 +151,34 @@ class WeightSource:
         self.location: dict[str, Path] = {}
         self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
         for path in files:
-            if path.suffix == ".safetensors":
-                with safe_open(path, framework="pt") as f:
-                    keys = list(f.keys())
-            else:
-                self._pickled[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-                keys = list(self._pickled[path])
+            try:
+                if path.suffix == ".safetensors":
+                    with safe_open(path, framework="pt") as f:
+                        keys = list(f.keys())
+                else:
+                    self._pickled[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                    keys = list(self._pickled[path])
+            except Exception as error:  # safetensors, pickle and zip raise their own kinds for a damaged file
+                raise ConversionError(f"{path.name} is truncated or corrupt ({error}); download it again.") from error
             self.location.update(dict.fromkeys(keys, path))
 
     def __getitem__(self, key: str) -> torch.Tensor:
         path = self.location[key]
+        try:
+            if path in self._pickled:
+                return self._pickled[path][key]
+            with safe_open(path, framework="pt") as f:
+                return f.get_tensor(key)
+        except Exception as error:
+            raise ConversionError(f"{path.name}: cannot read {key} ({error}); the file is truncated or corrupt.") \
+                from error
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        path = self.location[key]
         if path in self._pickled:
-            return self._pickled[path][key]
+            return tuple(self._pickled[path][key].shape)
         with safe_open(path, framework="pt") as f:
-            return f.get_tensor(key)
+            return tuple(f.get_slice(key).get_shape())
 
 
 def target_name(key: str) -> tuple[str, int | None]:
@@ -211,11 +225,29 @@ def plan_outputs(keys: list[str], num_experts: int) -> dict[str, list[str]]:
     return {name: [parts[e] for e in sorted(parts, key=lambda e: -1 if e is None else e)] for name, parts in plan.items()}
 
 
-def convert_weights(files: list[Path], output: Path, num_experts: int, dtype: torch.dtype | None,
+def check_shapes(source: "WeightSource", plan: dict[str, list[str]], config: CuMoConfig) -> None:
+    """Every weight against the shape the config gives it (built on the meta device), before anything is written:
+    a checkpoint whose tensors disagree with its config.json would otherwise convert and fail only when loaded."""
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in CuMoForConditionalGeneration(config).state_dict().items()}
+    wrong = []
+    for name, keys in plan.items():
+        shape = source.shape(keys[0])
+        if len(keys) > 1 or target_name(keys[0])[1] is not None:
+            shape = (len(keys), *shape)
+        if name in expected and shape != expected[name]:
+            wrong.append(f"{name} is {list(shape)}, the config gives {list(expected[name])}")
+    if wrong:
+        raise ConversionError(f"{len(wrong)} weights do not match config.json: " + "; ".join(wrong[:5])
+                              + (" ..." if len(wrong) > 5 else ""))
+
+
+def convert_weights(files: list[Path], output: Path, config: CuMoConfig, dtype: torch.dtype | None,
                     max_shard_bytes: int) -> None:
     """Write the converted weights in shards of at most `max_shard_bytes`; memory holds about one output shard."""
     source = WeightSource(files)
-    plan = plan_outputs(list(source.location), num_experts)
+    plan = plan_outputs(list(source.location), max(config.vision_num_experts, config.projector_num_experts, 1))
+    check_shapes(source, plan, config)
     shards, shard, shard_bytes = [], {}, 0
 
     def flush():
@@ -277,11 +309,12 @@ def convert(input_dir: Path, output_dir: Path, vision_tower: Path | None = None,
                               patch_size=vision_config.patch_size)
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
+    for stale in output_dir.parent.glob(f".{output_dir.name}.partial-*"):  # left by an interrupted conversion
+        print(f"Removing {stale}, left by an interrupted conversion.")
+        shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
     try:
-        num_experts = max(config.vision_num_experts, config.projector_num_experts, 1)
-        convert_weights(files, staging, num_experts, getattr(torch, dtype) if dtype else None,
-                        parse_size(max_shard_size))
+        convert_weights(files, staging, config, getattr(torch, dtype) if dtype else None, parse_size(max_shard_size))
         config.save_pretrained(staging)
         processor.save_pretrained(staging)
         generation = GenerationConfig.from_pretrained(input_dir) if (input_dir / "generation_config.json").is_file() \
@@ -359,6 +392,9 @@ def convert_partial(files: list[Path], base: Path, output_dir: Path) -> Path:
     model = CuMoForConditionalGeneration.from_pretrained(base)
     apply_original_weights(model, files)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
+    for stale in output_dir.parent.glob(f".{output_dir.name}.partial-*"):  # left by an interrupted conversion
+        print(f"Removing {stale}, left by an interrupted conversion.")
+        shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
     try:
         weights = re.compile(r"^(model.*\.safetensors|.*\.index\.json|pytorch_model.*\.bin)$")
