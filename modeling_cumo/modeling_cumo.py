@@ -11,7 +11,7 @@ from transformers import AutoModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.generation import GenerationMixin
-from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
 
 
@@ -46,68 +46,54 @@ class _CachedFieldsOutput:
 
 
 @dataclass
-class CuMoImageFeaturesOutput(_CachedFieldsOutput, BaseModelOutputWithPooling):
+class _VisionLosses(_CachedFieldsOutput):
+    r"""
+    vision_balance_loss, vision_router_z_loss, projector_balance_loss, projector_router_z_loss: raw bzloss terms
+        (without coefficients) of the vision tower's and the projector's MoE blocks, when they were computed.
+    """
+
+    vision_balance_loss: torch.Tensor | None = None
+    vision_router_z_loss: torch.Tensor | None = None
+    projector_balance_loss: torch.Tensor | None = None
+    projector_router_z_loss: torch.Tensor | None = None
+
+
+@dataclass
+class _CuMoLosses(_VisionLosses):
+    r"""
+    text_balance_loss, text_router_z_loss: the same terms of an MoE language model.
+    image_hidden_states: the projected image features (see `CuMoImageFeaturesOutput.pooler_output`).
+    aux_loss: `balance_loss_coef * sum(balance losses) + router_z_loss_coef * sum(z-losses)`, when computed.
+    """
+
+    text_balance_loss: torch.Tensor | None = None
+    text_router_z_loss: torch.Tensor | None = None
+    image_hidden_states: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+
+
+@dataclass
+class CuMoImageFeaturesOutput(_VisionLosses, BaseModelOutputWithPooling):
     r"""
     last_hidden_state (`(num_images, num_patches, vision_hidden * len(scales))`): S2 features of the vision tower.
     pooler_output (`(num_images, num_patches, text_hidden)`): the projected features that replace the image tokens.
-    vision_balance_loss, vision_router_z_loss, projector_balance_loss, projector_router_z_loss: raw bzloss terms
-        (without coefficients) of the MoE blocks, when they were computed.
     """
-
-    vision_balance_loss: torch.Tensor | None = None
-    vision_router_z_loss: torch.Tensor | None = None
-    projector_balance_loss: torch.Tensor | None = None
-    projector_router_z_loss: torch.Tensor | None = None
 
 
 @dataclass
-class CuMoModelOutputWithPast(_CachedFieldsOutput, BaseModelOutputWithPast):
-    r"""
-    image_hidden_states: the projected image features (see `CuMoImageFeaturesOutput.pooler_output`).
-    aux_loss: `balance_loss_coef * sum(balance losses) + router_z_loss_coef * sum(z-losses)`, when computed.
-    vision_*, projector_*, text_*: the raw loss terms of each MoE module (`text_*` only for an MoE language model).
-    """
-
-    image_hidden_states: torch.Tensor | None = None
-    aux_loss: torch.Tensor | None = None
-    vision_balance_loss: torch.Tensor | None = None
-    vision_router_z_loss: torch.Tensor | None = None
-    projector_balance_loss: torch.Tensor | None = None
-    projector_router_z_loss: torch.Tensor | None = None
-    text_balance_loss: torch.Tensor | None = None
-    text_router_z_loss: torch.Tensor | None = None
+class CuMoModelOutputWithPast(_CuMoLosses, BaseModelOutputWithPast):
+    """The language model's outputs, the projected image features and the MoE losses (see `_CuMoLosses`)."""
 
 
 @dataclass
-class CuMoCausalLMOutputWithPast(_CachedFieldsOutput, ModelOutput):
+class CuMoCausalLMOutputWithPast(_CuMoLosses, CausalLMOutputWithPast):
     r"""
     loss: cross-entropy (with `labels`) plus `aux_loss` (when the MoE losses were computed: in training or with labels).
     Other fields as in `CuMoModelOutputWithPast`.
     """
 
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    attentions: tuple[torch.Tensor, ...] | None = None
-    image_hidden_states: torch.Tensor | None = None
-    aux_loss: torch.Tensor | None = None
-    vision_balance_loss: torch.Tensor | None = None
-    vision_router_z_loss: torch.Tensor | None = None
-    projector_balance_loss: torch.Tensor | None = None
-    projector_router_z_loss: torch.Tensor | None = None
-    text_balance_loss: torch.Tensor | None = None
-    text_router_z_loss: torch.Tensor | None = None
 
-
-ROUTER_LOSS_FIELDS = (
-    "vision_balance_loss",
-    "vision_router_z_loss",
-    "projector_balance_loss",
-    "projector_router_z_loss",
-    "text_balance_loss",
-    "text_router_z_loss",
-)
+ROUTER_LOSS_FIELDS = tuple(field.name for field in fields(_CuMoLosses) if field.name.endswith(("balance_loss", "z_loss")))
 
 
 class CuMoMultiModalProjector(nn.Module):
