@@ -18,6 +18,26 @@ logger = logging.getLogger(__name__)
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
+def record_problem(record: Any) -> str | None:
+    """What is wrong with the shape of one LLaVA-style record, or None: checked for every record before training,
+    so that one message lists every bad sample instead of a crash at the first."""
+    if not isinstance(record, dict):
+        return f"is a {type(record).__name__}, not an object"
+    image = record.get("image")
+    if image is not None and not (isinstance(image, str) or
+                                  (isinstance(image, list) and all(isinstance(i, str) for i in image))):
+        return "'image' must be a file name or a list of file names"
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        return "has no 'conversations' list"
+    for number, turn in enumerate(turns):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            return f"turn {number} needs a text 'value'"
+        if turn.get("from") not in ROLES:
+            return f"turn {number} has unknown speaker {turn.get('from')!r} (expected human or gpt)"
+    return None
+
+
 def llava_record_to_messages(record: dict, image_folder: Path | None) -> dict[str, Any]:
     """One LLaVA-style record -> `{"id", "messages", "images", "length"}`. As in the original, every `<image>` moves to the
     start of the first user turn; images stay paths (resolved against `image_folder`) until the collator loads them."""
@@ -47,13 +67,24 @@ def llava_record_to_messages(record: dict, image_folder: Path | None) -> dict[st
 
 
 def load_llava_json(path: str | Path, image_folder: str | Path | None = None,
-                    on_bad_image: Literal["error", "skip"] = "error") -> Dataset:
-    """Read a LLaVA-style JSON (or JSON-lines) file. Samples whose image files are missing are reported by id and
-    skipped or fail the load (`on_bad_image`); unreadable contents are caught when the collator loads them."""
+                    on_bad_image: Literal["error", "skip"] = "error", require_answers: bool = True) -> Dataset:
+    """Read a LLaVA-style JSON (or JSON-lines) file. Malformed records fail the load in one message that names them
+    all; samples whose image files are missing are reported by id and skipped or fail the load (`on_bad_image`);
+    unreadable contents (decompression bombs included) are caught when the collator loads them. A file in which no
+    sample has an answer fails (`require_answers=False`: a warning)."""
     path = Path(path)
     text = path.read_text()
-    records = json.loads(text) if text.lstrip().startswith("[") else [json.loads(line) for line in text.splitlines() if line.strip()]
+    try:
+        records = json.loads(text) if text.lstrip().startswith("[") else [
+            json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON or JSON lines: {error}") from error
     folder = Path(image_folder) if image_folder is not None else path.parent
+    malformed = [f"{record.get('id', index) if isinstance(record, dict) else index}: {problem}"
+                 for index, record in enumerate(records) if (problem := record_problem(record))]
+    if malformed:
+        raise ValueError(f"{len(malformed)} of {len(records)} records in {path} are malformed: "
+                         + "; ".join(malformed[:10]) + (" ..." if len(malformed) > 10 else ""))
     rows, bad = [], []
     for record in records:
         row = llava_record_to_messages(record, folder)
@@ -69,6 +100,12 @@ def load_llava_json(path: str | Path, image_folder: str | Path | None = None,
         logger.warning(message + (" ..." if len(bad) > 10 else "") + " -- skipped")
     if not rows:
         raise ValueError(f"No usable samples in {path}.")
+    if not any(part["text"].strip() for row in rows for m in row["messages"] if m["role"] == "assistant"
+               for part in m["content"] if part["type"] == "text"):
+        message = f"No sample in {path} has an answer (a non-empty gpt turn): there is nothing to learn."
+        if require_answers:
+            raise ValueError(message)
+        logger.warning(message + " Training would run at loss 0.")
     return Dataset.from_list(rows)
 
 
@@ -101,7 +138,7 @@ class CuMoDataCollator(DataCollatorForVisionLanguageModeling):
         try:
             example["images"] = [to_rgb_image(PIL.Image.open(image) if isinstance(image, str) else image)
                                  for image in images]
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, PIL.Image.DecompressionBombError) as error:
             message = f"Sample {example.get('id', '?')!r}: cannot read its image ({error})."
             if self.on_bad_image == "error":
                 raise ValueError(message + " Set on_bad_image='skip' to drop such samples.") from error

@@ -32,11 +32,13 @@ class DataArguments:
                                                                      "relative to (default: the JSON's folder)."})
     dataset_split: str = field(default="train", metadata={"help": "Split of a Hub or on-disk dataset."})
     eval_data_path: str | None = field(default=None, metadata={"help": "Optional evaluation data, as data_path."})
+    require_answers: bool = field(default=True, metadata={"help": "Fail when no LLaVA JSON sample has an answer "
+                                                                  "(false: only warn)."})
 
 
-def load_data(path: str, image_folder: str | None, split: str, on_bad_image: str):
+def load_data(path: str, image_folder: str | None, split: str, on_bad_image: str, require_answers: bool = True):
     if path.endswith((".json", ".jsonl")):
-        return load_llava_json(path, image_folder, on_bad_image=on_bad_image)
+        return load_llava_json(path, image_folder, on_bad_image=on_bad_image, require_answers=require_answers)
     if Path(path).is_dir():
         dataset = load_from_disk(path)
         return dataset[split] if hasattr(dataset, "keys") else dataset
@@ -61,7 +63,8 @@ def main(argv=None):
         peft_config.modules_to_save = peft_config.modules_to_save or (
             ["multi_modal_projector"] if training_args.stage == "pt" else ["multi_modal_projector", "vision_tower"]
         )
-    train = load_data(data_args.data_path, data_args.image_folder, data_args.dataset_split, training_args.on_bad_image)
+    train = load_data(data_args.data_path, data_args.image_folder, data_args.dataset_split, training_args.on_bad_image,
+                      data_args.require_answers)
     evaluation = None
     if data_args.eval_data_path:
         evaluation = load_data(data_args.eval_data_path, data_args.image_folder, data_args.dataset_split,
