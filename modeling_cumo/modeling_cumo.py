@@ -25,7 +25,14 @@ except ImportError:  # transformers before 5.21
         return hidden_states[:, kept, :]
 
 from .configuration_cumo import CuMoConfig
-from .moe_cumo import CuMoExperts, CuMoSparseMLP, count_inactive_expert_parameters, init_moe_weights, moe_losses
+from .moe_cumo import (
+    CuMoExperts,
+    CuMoExpertsKernelDefault,
+    CuMoSparseMLP,
+    count_inactive_expert_parameters,
+    init_moe_weights,
+    moe_losses,
+)
 from .vision_cumo import CuMoVisionModel, s2_crops, s2_merge
 
 
@@ -133,7 +140,7 @@ class _ReachableFrom(torch.autograd.Function):
         return grad, None
 
 
-class CuMoPreTrainedModel(PreTrainedModel):
+class CuMoPreTrainedModel(CuMoExpertsKernelDefault, PreTrainedModel):
     config: CuMoConfig
     base_model_prefix = "model"
     input_modalities = ("image", "text")
@@ -146,15 +153,6 @@ class CuMoPreTrainedModel(PreTrainedModel):
     # Kept in fp32 when loading in fp16, and never quantized by bitsandbytes: broken projectors are what users of
     # other MoE VLMs report otherwise. (MoE routers and experts are plain parameters, which bitsandbytes leaves alone.)
     _keep_in_fp32_modules = ["vision_tower", "multi_modal_projector"]
-
-    @classmethod
-    def _can_set_experts_implementation(cls) -> bool:
-        return True  # the vision tower's MoE MLPs (and a Mixtral LM's) use transformers' experts interface
-
-    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
-        if requested_experts in (None, "auto"):
-            return "auto"  # CuMo's per-device default (see `per_device_experts_kernel`)
-        return super().get_correct_experts_implementation(requested_experts)
 
     def set_experts_implementation(self, experts_implementation: str | dict):
         """As transformers' method; "auto" (the default) applies to the CLIP experts only, a Mixtral LM keeps its own."""

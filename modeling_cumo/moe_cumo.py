@@ -72,6 +72,21 @@ def per_device_experts_kernel(hidden_states: torch.Tensor) -> str:
     return "eager" if hidden_states.device.type == "cpu" else "grouped_mm"
 
 
+class CuMoExpertsKernelDefault:
+    """For the models that hold CuMo's MoE blocks: transformers' experts interface is available (transformers decides
+    that by reading the model's source otherwise), and unset or "auto" means CuMo's per-device choice
+    (`per_device_experts_kernel`); a named kernel is honoured."""
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        return True
+
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        if requested_experts in (None, "auto"):
+            return "auto"
+        return super().get_correct_experts_implementation(requested_experts)
+
+
 def _per_device_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     if per_device_experts_kernel(hidden_states) == "eager":
         return CuMoExperts.forward(self, hidden_states, top_k_index, top_k_weights)

@@ -9,7 +9,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer, CLIPPreTrainedModel
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .moe_cumo import CuMoSparseMLP, CuMoTopKRouter, init_moe_weights
+from .moe_cumo import CuMoExpertsKernelDefault, CuMoSparseMLP, CuMoTopKRouter, init_moe_weights
 
 
 @dataclass
@@ -20,7 +20,7 @@ class CuMoVisionOutput(BaseModelOutput):
     router_logits: tuple[torch.Tensor, ...] | None = None
 
 
-class CuMoVisionModel(CLIPVisionModel):
+class CuMoVisionModel(CuMoExpertsKernelDefault, CLIPVisionModel):
     """CLIP vision tower whose encoder MLPs are top-k MoE blocks when `num_experts > 1`.
 
     Dense layers keep CLIP's own weight names, so an ordinary CLIP checkpoint loads into a dense tower. The forward
@@ -45,16 +45,6 @@ class CuMoVisionModel(CLIPVisionModel):
         return CuMoSparseMLP(
             c, c.hidden_size, c.intermediate_size, c.hidden_size, c.hidden_act, num_experts, num_experts_per_tok
         )
-
-    @classmethod
-    def _can_set_experts_implementation(cls) -> bool:
-        return True  # the MoE MLPs dispatch through transformers' experts interface (CuMoVisionExperts)
-
-    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
-        """Unset or "auto" -> CuMo's per-device choice (`per_device_experts_kernel`); a named kernel is honoured."""
-        if requested_experts in (None, "auto"):
-            return "auto"
-        return super().get_correct_experts_implementation(requested_experts)
 
     def _init_weights(self, module):
         super()._init_weights(module)
