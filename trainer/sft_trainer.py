@@ -8,11 +8,12 @@ in training and evaluation alike), reads them from its output (a forward hook on
 
 import logging
 
+from transformers import set_seed
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 from trl import SFTTrainer
 
-from modeling_cumo import CuMoForConditionalGeneration, CuMoModel, CuMoProcessor
+from modeling_cumo import CuMoForConditionalGeneration, CuMoProcessor
 from modeling_cumo.modeling_cumo import ROUTER_LOSS_FIELDS
 from modeling_cumo.moe_cumo import CuMoSparseMLP
 from modeling_cumo.processing_cumo import PLAIN_CHAT_TEMPLATE
@@ -61,6 +62,7 @@ def prepare_stage(model, args: CuMoSFTConfig) -> None:
         model.requires_grad_(False)
         model.model.multi_modal_projector.requires_grad_(True)
     elif args.stage == "vit" and (args.upcycle_vision or args.upcycle_projector) and not is_moe:
+        set_seed(args.seed)  # the fresh routers are drawn here, before the Trainer seeds: the run's seed decides them
         model.upcycle(num_experts=args.upcycle_num_experts, num_experts_per_tok=args.upcycle_num_experts_per_tok,
                       vision=args.upcycle_vision, projector=args.upcycle_projector,
                       experts_init=args.upcycle_experts_init)
@@ -104,8 +106,7 @@ class CuMoSFTTrainer(SFTTrainer):
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, data_collator=data_collator, **kwargs)
         self._backbone_outputs = []
-        backbone = next(module for module in self.model.modules() if isinstance(module, CuMoModel))
-        backbone.register_forward_hook(self._keep_backbone_output)
+        cumo_model(self.model).model.register_forward_hook(self._keep_backbone_output)
 
     def _keep_backbone_output(self, module, args, output):
         if output.aux_loss is not None:
