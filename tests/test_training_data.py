@@ -65,3 +65,20 @@ def test_a_decompression_bomb_is_named_and_skipped_on_request(tmp_path, monkeypa
         strict([dataset[0], dataset[1]])
     lenient = CuMoDataCollator(processor=tiny_processor(), image_token_id=384, on_bad_image="skip")
     assert lenient([dataset[0], dataset[1]])["input_ids"].shape[0] == 1
+
+
+def test_the_vit_stage_repeats_exactly_with_the_same_seed(tmp_path):
+    """Upcycling draws fresh routers: they come from the run's seed, not from whatever the global RNG held."""
+    import torch
+
+    from conftest import tiny_model
+    from test_trainer import make_trainer
+
+    losses = []
+    for run in range(2):
+        model = tiny_model()
+        torch.manual_seed(1000 + run)  # a different global state before each run
+        trainer = make_trainer(tmp_path / str(run), "vit", model, max_steps=2)
+        trainer.train()
+        losses.append([entry["loss"] for entry in trainer.state.log_history if "loss" in entry])
+    assert losses[0] == losses[1]
