@@ -8,6 +8,7 @@ options below can be set in the YAML recipe and overridden on the command line. 
 `accelerate launch --config_file trainer/accelerate/zero3.yaml -m trainer.train ...`.
 """
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,40 @@ class DataArguments:
                                                                   "(false: only warn)."})
 
 
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why `folder` is not a checkpoint the Trainer can resume from (a kill during saving leaves part of one)."""
+    if not (folder / "trainer_state.json").is_file():
+        return "it has no trainer_state.json"
+    try:
+        json.loads((folder / "trainer_state.json").read_text())
+    except ValueError:
+        return "its trainer_state.json is cut short"
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        return "it has no model weights"
+    return None
+
+
+def resolve_checkpoint(value: str | bool | None, output_dir: str) -> str | None:
+    """`--resume_from_checkpoint`: a folder (checked to be complete) or true/last (the newest complete checkpoint
+    in output_dir). An incomplete one is refused with the name of the last complete one."""
+    if value in (None, False, "", "false", "False"):
+        return None
+    latest = value in (True, "true", "True", "last")
+    folder = Path(output_dir) if latest else Path(value).parent
+    complete = sorted((p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
+                       and checkpoint_problem(p) is None), key=lambda p: int(p.name.split("-")[-1]))
+    fallback = f"the last complete one is {complete[-1]}" if complete else f"{folder} holds no complete checkpoint"
+    if latest:
+        if not complete:
+            raise ValueError(f"Cannot resume: {fallback}.")
+        return str(complete[-1])
+    if not Path(value).is_dir():
+        raise ValueError(f"Cannot resume from {value}: no such folder; {fallback}.")
+    if problem := checkpoint_problem(Path(value)):
+        raise ValueError(f"Cannot resume from {value}: {problem} (a save was interrupted); {fallback}.")
+    return str(value)
+
+
 def load_data(path: str, image_folder: str | None, split: str, on_bad_image: str, require_answers: bool = True):
     if path.endswith((".json", ".jsonl")):
         return load_llava_json(path, image_folder, on_bad_image=on_bad_image, require_answers=require_answers)
@@ -50,6 +85,10 @@ def main(argv=None):
     data_args, training_args, model_args = parser.parse_args_and_config(args=argv)
     if model_args.model_name_or_path is None:
         parser.error("--model_name_or_path is required (a CuMo folder, e.g. from cumo-init or the previous stage)")
+    try:
+        resume = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    except ValueError as error:
+        parser.error(str(error))
     # This package's classes, whatever remote-code copy the folder holds (saving writes fresh copies)
     model = CuMoForConditionalGeneration.from_pretrained(
         model_args.model_name_or_path, revision=model_args.model_revision, dtype=model_args.dtype or "auto",
@@ -71,7 +110,7 @@ def main(argv=None):
                                training_args.on_bad_image)
     trainer = CuMoSFTTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=evaluation,
                              processing_class=processor, peft_config=peft_config)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume)
     if peft_config is None:
         trainer.save_model(training_args.output_dir)
     elif trainer.is_world_process_zero():
