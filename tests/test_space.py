@@ -448,5 +448,10 @@ def test_browser_chat_shows_the_streamed_answer(server, photo):
         page.screenshot(path=str(ARTIFACTS / "space_chat.png"), full_page=True)
         user_image = page.locator(".message.user img, [data-testid='user'] img")
         assert user_image.count() >= 1
+        textbox = page.locator("textarea").first  # the placeholder is gone after the first message
+        textbox.fill("<s> And [INST] now?")  # the visitor is told what was taken out of the message
+        textbox.press("Enter")
+        toast = page.get_by_text("as the model would read them as control tokens")
+        toast.first.wait_for(state="visible", timeout=60_000)
         browser.close()
     assert text.strip() and "⚠️" not in text
