@@ -13,6 +13,7 @@ from transformers.cache_utils import Cache
 from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
+from transformers.utils import can_return_tuple
 
 
 try:
@@ -140,6 +141,16 @@ class _ReachableFrom(torch.autograd.Function):
         return grad, None
 
 
+class CuMoTokenEmbedding(nn.Embedding):
+    """The language model's token embedding, where an id outside the table (the `<image>` placeholder of converted
+    checkpoints) reads row 0: image features replace those positions afterwards. vLLM's Transformers backend embeds
+    whole prompts, placeholders included, through this module before it merges the image features."""
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        outside = (input_ids < 0) | (input_ids >= self.num_embeddings)
+        return super().forward(input_ids.masked_fill(outside, 0))
+
+
 class CuMoPreTrainedModel(CuMoExpertsKernelDefault, PreTrainedModel):
     config: CuMoConfig
     base_model_prefix = "model"
@@ -174,6 +185,11 @@ class CuMoModel(CuMoPreTrainedModel):
         self.vision_tower = CuMoVisionModel(config.vision_config, experts, config.vision_num_experts_per_tok)
         self.multi_modal_projector = make_projector(config)
         self.language_model = AutoModel.from_config(config.text_config)
+        embeddings = self.language_model.get_input_embeddings()
+        if type(embeddings) is nn.Embedding:
+            self.language_model.set_input_embeddings(
+                CuMoTokenEmbedding(embeddings.num_embeddings, embeddings.embedding_dim, embeddings.padding_idx)
+            )
         self.post_init()
 
     def get_input_embeddings(self):
@@ -295,6 +311,7 @@ class CuMoModel(CuMoPreTrainedModel):
                 "the processor expand each placeholder."
             )
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
