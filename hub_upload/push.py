@@ -56,6 +56,16 @@ inputs = processor(images=[image], text=[prompt], return_tensors="pt")
 output = model.generate(**inputs, max_new_tokens=64, do_sample=False)
 print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
 ```
+
+## Serve with vLLM
+
+vLLM's Transformers backend serves it (OpenAI-compatible API, images as `image_url` parts), from an environment of
+its own (`pip install vllm==0.32.0`):
+
+```bash
+vllm serve {repo_id} --trust-remote-code --model-impl transformers \\
+  --hf-overrides '{{"auto_map": {{"AutoModel": "modeling_cumo.CuMoModel"}}}}' --dtype bfloat16
+```
 """
 
 

@@ -18,6 +18,7 @@ import textwrap
 import time
 import urllib.error
 import urllib.request
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -189,6 +190,15 @@ def test_hf_overrides_give_vllm_the_base_model_and_users_the_generate_model(tmp_
     assert vllm["decoder"] == "MistralModel"  # vLLM compiles this class and serves its attention layers
     # the checkpoint's names load into vLLM's wrapper (`model.` + the base model's names, and its own `lm_head`)
     assert set(user["names"]) == {f"model.{name}" for name in vllm["names"]} | {"lm_head.weight"}
+
+
+def test_the_model_card_gives_the_vllm_command_with_these_overrides():
+    from hub_upload.push import CARD_TEMPLATE
+
+    card = CARD_TEMPLATE.format_map(defaultdict(str, repo_id="someone/cumo"))
+    command = card.split("```bash\n", 1)[1].split("```", 1)[0].replace("\\\n", " ")
+    assert command.startswith("vllm serve someone/cumo --trust-remote-code --model-impl transformers ")
+    assert f"--hf-overrides '{json.dumps(HF_OVERRIDES)}'" in command
 
 
 def test_base_model_returns_hidden_states_first_with_return_dict_false():
