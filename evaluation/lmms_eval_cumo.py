@@ -9,6 +9,8 @@ greedily unless the task asks to sample, in batches padded on the left. The chec
 package's classes (no remote code runs), so a Hub id and a local folder are evaluated by the same tested code.
 """
 
+import os
+
 import torch
 from accelerate import Accelerator
 from loguru import logger
@@ -45,8 +47,8 @@ class CuMo(lmms):
         if str(batch_size).startswith("auto"):
             raise ValueError("--model cumo needs a number for --batch_size (automatic sizing is not supported).")
         self.accelerator = accelerator = Accelerator()
-        if accelerator.num_processes > 1:
-            device = f"cuda:{accelerator.local_process_index}"
+        if accelerator.num_processes > 1:  # one process per GPU (or CPU processes), each its own share of requests
+            device = accelerator.device
         elif device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self._device = torch.device(device)
@@ -61,7 +63,7 @@ class CuMo(lmms):
         self.processor.tokenizer.padding_side = "left"  # batched generation continues every row from its last token
         self.batch_size_per_gpu = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)
-        if self._rank == 0:
+        if int(os.environ.get("RANK", self._rank)) == 0:  # torchrun on CPUs: accelerate sees one process
             logger.info(f"CuMo from {pretrained}: {self._world_size} process(es), {self._device}, {self._model.dtype}, "
                         f"batch size {self.batch_size_per_gpu} per process")
 

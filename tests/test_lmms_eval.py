@@ -143,16 +143,18 @@ def local_task(name: str, data_file: Path) -> str:
     return "\n".join(header + kept) + "\n"
 
 
-def run_lmms_eval(args: list[str], cwd: Path, output: Path) -> tuple[dict, dict[str, dict[int, dict]]]:
-    """Run `python -m lmms_eval ARGS --output_path OUTPUT --log_samples`; return its results and, per task, the logged
-    sample of each document."""
+def run_lmms_eval(args: list[str], cwd: Path, output: Path, launcher: tuple[str, ...] = ("-m",)
+                  ) -> tuple[dict, dict[str, dict[int, dict]]]:
+    """Run `python -m lmms_eval ARGS --output_path OUTPUT --log_samples` (or through another launcher, e.g. torchrun's
+    module); return its results (with its output under "log") and, per task, the logged sample of each document."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(output / "hf"),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    run = subprocess.run([sys.executable, "-m", "lmms_eval", *args, "--output_path", str(output), "--log_samples"],
+    run = subprocess.run([sys.executable, *launcher, "lmms_eval", *args, "--output_path", str(output), "--log_samples"],
                          cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     found = glob.glob(str(output / "**" / "*_results.json"), recursive=True)
     assert run.returncode == 0 and len(found) == 1, (run.returncode, found, run.stdout[-2000:], run.stderr[-6000:])
     results = json.loads(Path(found[0]).read_text())
+    results["log"] = run.stdout + run.stderr
     samples = {}
     for task in results["results"]:
         (path,) = glob.glob(str(Path(found[0]).parent / f"*_samples_{task}.jsonl"))
@@ -280,19 +282,28 @@ def test_generic_huggingface_model_gives_the_same_answers(benchmarks):
     check_answers_and_prompts(samples, rows, root / "model", torch.bfloat16)
 
 
-def test_cumo_shapes_task_equals_the_demo_evaluation(tmp_path):
+@pytest.fixture(scope="module")
+def shapes_run(tmp_path_factory):
+    """A demo-format folder (held-out split where `cumo-demo --output demo` writes it, a model in demo/model) and
+    `lmms_eval --model cumo --model_args pretrained=demo/model --tasks cumo_shapes` run in it."""
+    from trainer.demo import world
+
+    root = tmp_path_factory.mktemp("shapes")
+    world.write_split(root / "demo" / "work" / "data", "heldout", 30, 64, seed=1)
+    answering_model(root / "demo" / "model", WORLD_WORDS)
+    args = ["--model", "cumo", "--model_args", "pretrained=demo/model", "--tasks", "cumo_shapes",
+            "--include_path", str(ROOT / "evaluation" / "tasks"), "--batch_size", "8"]
+    return root, args, run_lmms_eval(args, cwd=root, output=root / "out")
+
+
+def test_cumo_shapes_task_equals_the_demo_evaluation(shapes_run):
     from modeling_cumo import CuMoForConditionalGeneration, CuMoProcessor
     from trainer.demo import evaluate, world
 
-    data = tmp_path / "demo" / "work" / "data"  # where `cumo-demo --output demo` writes its held-out split
-    world.write_split(data, "heldout", 30, 64, seed=1)
-    answering_model(tmp_path / "demo" / "model", WORLD_WORDS)
-    results, samples = run_lmms_eval(
-        ["--model", "cumo", "--model_args", "pretrained=demo/model", "--tasks", "cumo_shapes",
-         "--include_path", str(ROOT / "evaluation" / "tasks"), "--batch_size", "8"], cwd=tmp_path, output=tmp_path / "out")
-
-    model = CuMoForConditionalGeneration.from_pretrained(tmp_path / "demo" / "model").eval()
-    processor = CuMoProcessor.from_pretrained(tmp_path / "demo" / "model")
+    root, _, (results, samples) = shapes_run
+    data = root / "demo" / "work" / "data"
+    model = CuMoForConditionalGeneration.from_pretrained(root / "demo" / "model").eval()
+    processor = CuMoProcessor.from_pretrained(root / "demo" / "model")
     heldout = json.loads((data / "heldout_vqa.json").read_text())
     demo = evaluate.vqa_accuracy(model, processor, heldout, data)
     got = {key.split(",")[0]: value for key, value in results["results"]["cumo_shapes"].items() if key.endswith(",none")}
@@ -305,3 +316,17 @@ def test_cumo_shapes_task_equals_the_demo_evaluation(tmp_path):
     settings = results["configs"]["cumo_shapes"]["generation_kwargs"]
     assert settings["max_new_tokens"] == inspect.signature(evaluate.vqa_accuracy).parameters["max_new_tokens"].default
     assert settings["do_sample"] is False and settings["until"] == []
+
+
+def test_two_processes_share_the_questions_and_give_the_same_answers(shapes_run):
+    """Data parallel as on several GPUs (`accelerate launch --num_processes N -m lmms_eval`), here two CPU processes
+    under torchrun: each answers its share, and the gathered answers and metrics are those of one process."""
+    root, args, (results, samples) = shapes_run
+    two_results, two_samples = run_lmms_eval(args, cwd=root, output=root / "two",
+                                             launcher=("-m", "torch.distributed.run", "--nproc_per_node", "2", "-m"))
+    assert {i: answer(row) for i, row in two_samples["cumo_shapes"].items()} == \
+        {i: answer(row) for i, row in samples["cumo_shapes"].items()}
+    assert "Running on rank 1" in two_results["log"] and "Running on rank 1" not in results["log"]
+    numbers = [{key: value for key, value in r["results"]["cumo_shapes"].items() if isinstance(value, float)}
+               for r in (results, two_results)]
+    assert "vqa_accuracy,none" in numbers[0] and numbers[1] == pytest.approx(numbers[0], abs=1e-12)
