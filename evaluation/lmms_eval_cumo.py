@@ -42,7 +42,7 @@ class CuMo(lmms):
 
     def __init__(self, pretrained: str, revision: str = "main", device: str | None = None, dtype: str = "auto",
                  batch_size: int | str = 1, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-                 attn_implementation: str | None = None, max_batch_size=None):
+                 attn_implementation: str | None = None, max_batch_size=None):  # lmms-eval passes max_batch_size
         super().__init__()
         if str(batch_size).startswith("auto"):
             raise ValueError("--model cumo needs a number for --batch_size (automatic sizing is not supported).")
@@ -84,7 +84,7 @@ class CuMo(lmms):
         return self._device
 
     def messages(self, request_args) -> list[dict]:
-        ctx, doc_to_messages, _, doc_id, task, split = request_args
+        _, doc_to_messages, _, doc_id, task, split = request_args
         chat = ChatMessages(messages=doc_to_messages(self.task_dict[task][split][doc_id]))
         _, videos, audios = chat.extract_media()
         if videos or audios:
@@ -110,14 +110,16 @@ class CuMo(lmms):
                                   group_fn=lambda args: args[2], grouping=True)
         progress = make_progress(total=len(requests), desc="CuMo answering", disable=self._rank != 0)
         results = []
-        pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        pad_token_id = self.tokenizer.pad_token_id
+        pad_token_id = self.tokenizer.eos_token_id if pad_token_id is None else pad_token_id
         for chunk in collator.get_batched(n=self.batch_size, batch_fn=None):
             conversations = [self.messages(args) for args in chunk]
             prompts = [self.processor.apply_chat_template(messages, add_generation_prompt=True)
                        for messages in conversations]
             images = [part["image"] for messages in conversations for message in messages
                       for part in message["content"] if part["type"] == "image"]
-            inputs = self.processor(images=images or None, text=prompts, padding=True, return_tensors="pt").to(self._device)
+            inputs = self.processor(images=images or None, text=prompts, padding=True, return_tensors="pt")
+            inputs = inputs.to(self._device)
             if "pixel_values" in inputs:
                 inputs["pixel_values"] = inputs["pixel_values"].to(self._model.dtype)
             kwargs, stops = self.generation_kwargs(chunk[0][2])
