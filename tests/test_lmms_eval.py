@@ -271,8 +271,9 @@ def test_cumo_model_scores_tiny_pope_mme_gqa_textvqa_as_scored_by_hand(benchmark
 
 
 def test_generic_huggingface_model_gives_the_same_answers(benchmarks):
-    """lmms-eval's `huggingface` class loads the checkpoint's remote code in bfloat16 and passes `videos=[]`,
-    `audios=[]` to the processor."""
+    """lmms-eval's `huggingface` class loads the checkpoint's remote code, always in bfloat16, and passes `videos=[]`,
+    `audios=[]` to the processor: its answers are a plain greedy `generate`'s in bfloat16, as `--model cumo`'s are in
+    its dtype."""
     root, rows = benchmarks
     tasks = ",".join(f"cumo_test_{name}" for name in rows)
     _, samples = run_lmms_eval(
