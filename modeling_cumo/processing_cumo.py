@@ -143,6 +143,7 @@ class CuMoProcessor(LlavaProcessor):
     def _adjust_assistant_masks_indices(self, processed_dict, generation_indices):
         # transformers walks the offsets token by token; as a tensor (return_tensors="pt", which TRL's collator
         # asks for) every step is a tensor op, 12% of a demo vit training step. As lists, the same walk is cheap.
+        # (Only transformers 5.23+ calls this method; older versions compute the masks inline and never reach it.)
         offsets = processed_dict.get("offset_mapping")
         if hasattr(offsets, "tolist"):
             processed_dict["offset_mapping"] = offsets.tolist()
