@@ -134,7 +134,8 @@ def start_server(python: str, folder: Path, device: str, dtype: str, log: Path):
         port = sock.getsockname()[1]
     command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--trust-remote-code",
                "--model-impl", "transformers", "--hf-overrides", json.dumps(HF_OVERRIDES), "--dtype", dtype,
-               "--served-model-name", "cumo", "--host", "127.0.0.1", "--port", str(port), "--max-num-seqs", "32"]
+               "--served-model-name", "cumo", "--host", "127.0.0.1", "--port", str(port), "--max-num-seqs", "32",
+               "--max-model-len", "2048"]
     if device == "cpu":
         command += ["--enforce-eager", "--kv-cache-memory-bytes", "1G"]
     else:  # the transformers model shares the GPU
