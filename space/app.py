@@ -117,15 +117,20 @@ class ChatEngine:
         control = sorted((s for s in control if s), key=len, reverse=True)
         self._control = re.compile("|".join(map(re.escape, control)), re.IGNORECASE)
         self._longest_piece = max(map(len, tokenizer.get_vocab()))  # a text of n chars has >= n / this tokens
-        self._image_tokens = self._count_image_tokens()
+        self._image_tokens, self._exchange_tokens = self._measure_template()
         self._features: OrderedDict[str, object] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
 
-    def _count_image_tokens(self) -> int:
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]}]
-        ids = self._encode(messages, [PIL.Image.new("RGB", (8, 8))])["input_ids"][0]
-        return int((ids == self.processor.image_token_id).sum())
+    def _measure_template(self) -> tuple[int, int]:
+        """Tokens per image, and the template's tokens around one earlier exchange: the history's estimates."""
+        question = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]}]
+        exchange = [{"role": "user", "content": [{"type": "text", "text": "?"}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": "?"}]}]
+        image = [PIL.Image.new("RGB", (8, 8))]
+        alone = self._encode(question, image)["input_ids"][0]
+        after = self._encode(exchange + question, image)["input_ids"][0]
+        return int((alone == self.processor.image_token_id).sum()), len(after) - len(alone)
 
     def load_image(self, path) -> tuple[str, PIL.Image.Image]:
         """The image at `path` and its content hash, within the app's limits, or a RequestError."""
@@ -269,7 +274,7 @@ class ChatEngine:
         used = self._count_tokens(question, budget) + len(images) * self._image_tokens
         keep = 0
         for q, a, _ in reversed(exchanges):
-            used += self._count_tokens(q, budget) + self._count_tokens(a, budget) + len(TEMPLATE_MARKERS)
+            used += self._count_tokens(q, budget) + self._count_tokens(a, budget) + self._exchange_tokens
             if used > budget:
                 break
             keep += 1
