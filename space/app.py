@@ -103,8 +103,8 @@ class ChatEngine:
         self.model_path = model_path
         self.max_image_bytes, self.max_image_pixels = max_image_bytes, max_image_pixels
         self.max_prompt_chars, self.max_new_tokens, self.max_images = max_prompt_chars, max_new_tokens, max_images
-        # The prompt's cost (time and memory per turn) grows with its length: a few thousand tokens answer in
-        # seconds on a CPU, a GPU takes more. Never more than the model's positions leave for the answer.
+        # A turn's time and memory grow with the prompt's length, so the prompt has a budget: a CPU answers a few
+        # thousand tokens in seconds, a GPU affords more. Never more than the model's positions leave for the answer.
         positions = getattr(self.model.config.text_config, "max_position_embeddings", None) or math.inf
         budget = max_context_tokens or (8192 if self.device == "cuda" else 2048)
         self.max_context_tokens = int(min(budget, positions - max_new_tokens))
