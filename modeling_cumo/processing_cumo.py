@@ -58,13 +58,24 @@ PLAIN_CHAT_TEMPLATE = (
 )
 
 
-def make_image_processor(image_size: int = 336) -> LlavaImageProcessorPil:
-    """Pad to a square with the CLIP mean colour, resize the shortest edge to `image_size` (bicubic), centre-crop,
-    rescale, CLIP-normalise: the original's `image_aspect_ratio="pad"` preprocessing, bit-exact with PIL."""
+def make_image_processor(image_size: int = 336, image_mean=None, image_std=None, crop: bool = True,
+                         **kwargs) -> LlavaImageProcessorPil:
+    """Pad to a square with the mean colour, resize the shortest edge to `image_size` (bicubic), centre-crop,
+    rescale, normalise (CLIP's mean and std by default): the original's `image_aspect_ratio="pad"` preprocessing,
+    bit-exact with PIL. `crop=False` resizes straight to `image_size` x `image_size` without a crop, as SigLIP's own
+    processor does (LLaVA-style SigLIP models pad first, then that; pass SigLIP's mean and std, 0.5). `kwargs` go to
+    the image processor (e.g. `resample`)."""
+    if image_mean is not None:
+        kwargs["image_mean"] = list(image_mean)
+    if image_std is not None:
+        kwargs["image_std"] = list(image_std)
+    size = {"shortest_edge": image_size} if crop else {"height": image_size, "width": image_size}
     return LlavaImageProcessorPil(
         do_pad=True,
-        size={"shortest_edge": image_size},
+        size=size,
+        do_center_crop=crop,
         crop_size={"height": image_size, "width": image_size},
+        **kwargs,
     )
 
 
@@ -105,17 +116,19 @@ class CuMoProcessor(LlavaProcessor):
     and TRL's collator then give the same ids."""
 
     def __init__(self, image_processor=None, tokenizer=None, patch_size: int = 14, chat_template=None,
-                 image_token: str = "<image>", **kwargs):
+                 image_token: str = "<image>", num_additional_image_tokens: int = 1, **kwargs):
         if getattr(tokenizer, "add_bos_token", False):
             tokenizer.add_bos_token = False
         super().__init__(
             image_processor,
             tokenizer,
             patch_size=patch_size,
-            vision_feature_select_strategy="default",  # the CLS token is dropped ...
+            # CLIP prepends a CLS token (1), which the model drops ("default"); SigLIP has none (0): every token is
+            # a patch feature ("full")
+            vision_feature_select_strategy="default" if num_additional_image_tokens else "full",
             chat_template=chat_template if chat_template is not None else CHAT_TEMPLATE,
             image_token=image_token,
-            num_additional_image_tokens=1,  # ... after CLIP prepends it
+            num_additional_image_tokens=num_additional_image_tokens,
             **kwargs,
         )
 
@@ -142,7 +155,7 @@ class CuMoProcessor(LlavaProcessor):
 
     def _adjust_assistant_masks_indices(self, processed_dict, generation_indices):
         # transformers walks the offsets token by token; as a tensor (return_tensors="pt", which TRL's collator
-        # asks for) every step is a tensor op, 12% of a demo vit training step. As lists, the same walk is cheap.
+        # asks for) every step is a tensor op, a noticeable part of a small training step; as lists it is cheap.
         # (Only transformers 5.23+ calls this method; older versions compute the masks inline and never reach it.)
         offsets = processed_dict.get("offset_mapping")
         if hasattr(offsets, "tolist"):
