@@ -1,6 +1,7 @@
 """Tiny CuMo models, tokenizer and processor built inside the tests: nothing is downloaded."""
 
 import os
+import re
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read once at import by huggingface_hub: set before anything imports it
 
@@ -58,6 +59,18 @@ def tiny_processor() -> CuMoProcessor:
 def random_pixels(num_images, seed=0):
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(num_images, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+
+
+def slow_sentencepiece_ids(text, sentencepiece, specials):
+    """What the original's slow legacy `LlamaTokenizer` gives for `text`, without its BOS: the text split at the
+    special tokens (`specials`: token -> id), each piece encoded by SentencePiece on its own."""
+    ids = []
+    for piece in re.split("(" + "|".join(map(re.escape, specials)) + ")", text):
+        if piece in specials:
+            ids.append(specials[piece])
+        elif piece:
+            ids += sentencepiece.encode(piece)
+    return ids
 
 
 @pytest.fixture

@@ -1,15 +1,13 @@
 """Same chat, same ids as the original: every path from a conversation to token ids gives what the original
 project feeds its model (tests/data/refs.safetensors, and the original's tokenization rules as an oracle)."""
 
-import re
-
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from conftest import DATA
+from conftest import DATA, slow_sentencepiece_ids
 from hub_upload.convert_original import convert
 from modeling_cumo.processing_cumo import PLAIN_CHAT_TEMPLATE
 from trainer.data import CuMoDataCollator, llava_record_to_messages
@@ -127,17 +125,6 @@ def original_prompt(turns, system):
         else:
             prompt += f" {text} </s>"
     return prompt
-
-
-def slow_sentencepiece_ids(text, sentencepiece, specials):
-    """The slow legacy `LlamaTokenizer` without its BOS: split at special tokens, each piece encoded on its own."""
-    ids = []
-    for piece in re.split("(" + "|".join(map(re.escape, specials)) + ")", text):
-        if piece in specials:
-            ids.append(specials[piece])
-        elif piece:
-            ids += sentencepiece.encode(piece)
-    return ids
 
 
 def tokenizer_image_token(prompt, sentencepiece, specials, bos_id):

@@ -3,12 +3,11 @@ SentencePiece model trained here with Mistral's normaliser settings, and keeps d
 
 import json
 import random
-import re
 
 import pytest
 from transformers import AutoProcessor, AutoTokenizer
 
-from conftest import IMAGE_SIZE, PATCH_SIZE
+from conftest import IMAGE_SIZE, PATCH_SIZE, slow_sentencepiece_ids
 from hub_upload.sentencepiece_tokenizer import original_tokenizer
 from modeling_cumo import CuMoProcessor
 from modeling_cumo.processing_cumo import make_image_processor
@@ -45,18 +44,6 @@ def mistral_like_folder(tmp_path_factory):
     return folder
 
 
-def slow_ids(model, text):
-    """The slow legacy tokenizer (transformers 4.x `LlamaTokenizer(legacy=True)`) without BOS: the text is split at
-    special tokens and each piece is encoded by SentencePiece on its own."""
-    ids = []
-    for piece in re.split("(" + "|".join(map(re.escape, SPECIALS)) + ")", text):
-        if piece in SPECIALS:
-            ids.append(SPECIALS[piece])
-        elif piece:
-            ids += model.encode(piece)
-    return ids
-
-
 def varied_strings(count=400, seed=0):
     rng = random.Random(seed)
     words = "the a red blue circle picture describe colors what is shown here 3 14 2024 café Über 中文 😀".split()
@@ -78,7 +65,7 @@ def test_ids_equal_the_slow_sentencepiece_tokenizer(mistral_like_folder):
         # the original tokenizes the chunks around each <image> apart (tokenizer_image_token)
         expected = []
         for index, chunk in enumerate(text.split("<image>")):
-            expected += ([image_id] if index else []) + slow_ids(model, chunk)
+            expected += ([image_id] if index else []) + slow_sentencepiece_ids(chunk, model, SPECIALS)
         if tokenizer(text)["input_ids"] != expected:
             mismatches.append(text)
     assert not mismatches, f"{len(mismatches)} strings differ, e.g. {mismatches[:3]!r}"
