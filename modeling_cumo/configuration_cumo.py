@@ -22,13 +22,18 @@ _CLIP_L_336 = {
 }
 
 
+# The vision encoders CuMo's tower can be (transformers' model types of their vision configs).
+VISION_MODEL_TYPES = ("clip_vision_model", "siglip_vision_model")
+
+
 class CuMoConfig(PreTrainedConfig):
     r"""
     Configuration of a CuMo model. Defaults describe the released `CuMo-mistral-7b`: CLIP ViT-L/14-336 with S2
     scales [1, 3], top-2-of-4 MoE in every CLIP MLP and in the projector, and Mistral-7B.
 
     Args:
-        vision_config (`dict` or `CLIPVisionConfig`): the CLIP vision tower.
+        vision_config (`dict`, `CLIPVisionConfig` or `SiglipVisionConfig`): the vision tower (CLIP by default; a dict
+            names its `model_type`, `"clip_vision_model"` or `"siglip_vision_model"`).
         text_config (`dict` or `PreTrainedConfig`): any causal language model (Mistral, Mixtral, Llama, Qwen2, ...).
         image_token_id (`int`): id of the `<image>` placeholder token; each image fills as many of them as it has
             patches.
@@ -80,6 +85,11 @@ class CuMoConfig(PreTrainedConfig):
                 raise ValueError(
                     f"`{name}_num_experts_per_tok` must be between 1 and `{name}_num_experts` ({experts}), got {top_k}."
                 )
+        if self.vision_config.model_type not in VISION_MODEL_TYPES:
+            raise ValueError(
+                f"CuMo's vision tower is CLIP or SigLIP (`model_type` {' or '.join(VISION_MODEL_TYPES)}), got "
+                f"{self.vision_config.model_type!r}."
+            )
         num_layers = self.vision_config.num_hidden_layers
         if not -num_layers - 1 <= self.vision_feature_layer <= num_layers:
             raise ValueError(

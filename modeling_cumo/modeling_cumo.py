@@ -1,4 +1,4 @@
-"""CuMo: CLIP (with MoE MLPs) -> S2 multi-scale features -> (MoE) projector -> any causal LM, LLaVA style."""
+"""CuMo: CLIP or SigLIP (with MoE MLPs) -> S2 multi-scale features -> (MoE) projector -> any causal LM, LLaVA style."""
 
 import inspect
 from collections import OrderedDict
@@ -34,7 +34,7 @@ from .moe_cumo import (
     init_moe_weights,
     moe_losses,
 )
-from .vision_cumo import CuMoVisionModel, s2_crops, s2_merge
+from .vision_cumo import s2_crops, s2_merge, vision_tower_class
 
 
 @cache
@@ -182,7 +182,8 @@ class CuMoModel(CuMoPreTrainedModel):
     def __init__(self, config: CuMoConfig):
         super().__init__(config)
         experts = config.vision_num_experts if config.vision_is_moe else 0
-        self.vision_tower = CuMoVisionModel(config.vision_config, experts, config.vision_num_experts_per_tok)
+        tower_class = vision_tower_class(config.vision_config)
+        self.vision_tower = tower_class(config.vision_config, experts, config.vision_num_experts_per_tok)
         self.multi_modal_projector = make_projector(config)
         self.language_model = AutoModel.from_config(config.text_config)
         embeddings = self.language_model.get_input_embeddings()
@@ -230,7 +231,7 @@ class CuMoModel(CuMoPreTrainedModel):
             std = config.text_config.initializer_range
             self.multi_modal_projector = sparse.co_upcycle_(dense.linear_1, dense.linear_2, std)
         if experts_init == "random":
-            for blocks, std, upcycled in ((self.vision_tower, config.vision_config.initializer_range, vision),
+            for blocks, std, upcycled in ((self.vision_tower, self.vision_tower.router_init_std, vision),
                                           (self.multi_modal_projector, config.text_config.initializer_range, projector)):
                 if upcycled:
                     blocks.apply(lambda module: init_moe_weights(module, std))
@@ -269,7 +270,8 @@ class CuMoModel(CuMoPreTrainedModel):
             output_router_logits=vision_losses,
         )
         hidden = tower.hidden_states[num_feature_layers] if features_inside else tower.last_hidden_state
-        vision_features = s2_merge(hidden[:, 1:], config.scales, num_images)  # CLS dropped
+        # CLIP's CLS token dropped; SigLIP has none
+        vision_features = s2_merge(hidden[:, self.vision_tower.num_prefix_tokens :], config.scales, num_images)
         if projector_losses:
             projected, projector_logits = self.multi_modal_projector(vision_features, output_router_logits=True)
         else:

@@ -1,12 +1,13 @@
-"""CuMo's vision side: transformers' CLIP vision tower with MoE MLPs, and S2 multi-scale features."""
+"""CuMo's vision side: transformers' CLIP or SigLIP vision tower with MoE MLPs, and S2 multi-scale features."""
 
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import CLIPVisionConfig, CLIPVisionModel
+from transformers import CLIPVisionModel, SiglipVisionModel
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer, CLIPPreTrainedModel
+from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer, SiglipPreTrainedModel
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .moe_cumo import CuMoExpertsKernelDefault, CuMoSparseMLP, CuMoTopKRouter, init_moe_weights
@@ -20,25 +21,30 @@ class CuMoVisionOutput(BaseModelOutput):
     router_logits: tuple[torch.Tensor, ...] | None = None
 
 
-class CuMoVisionModel(CuMoExpertsKernelDefault, CLIPVisionModel):
-    """CLIP vision tower whose encoder MLPs are top-k MoE blocks when `num_experts > 1`.
+class _CuMoVisionTower(CuMoExpertsKernelDefault):
+    """What CuMo adds to a transformers vision transformer (CLIP or SigLIP), written once for both: encoder MLPs that
+    are top-k MoE blocks when `num_experts > 1`, co-upcycling, and a forward that runs only the first `num_layers`
+    encoder layers (features from layer -2 never pay for the last layer).
 
-    Dense layers keep CLIP's own weight names, so an ordinary CLIP checkpoint loads into a dense tower. The forward
-    runs only the first `num_layers` encoder layers: features from layer -2 never pay for the last layer.
-    """
+    Dense layers keep the encoder's own weight names, so an ordinary CLIP or SigLIP checkpoint loads into a dense
+    tower. The post-layernorm (and SigLIP's pooling head) are left out: CuMo reads features before them, and a
+    parameter that never gets gradient would trouble DDP. A subclass names the encoder's embedding step (`embed`)
+    and how many tokens precede the patch grid (`num_prefix_tokens`: CLIP's CLS token)."""
 
-    _can_record_outputs = {
-        **CLIPPreTrainedModel._can_record_outputs,
-        "router_logits": OutputRecorder(CuMoTopKRouter, index=0),
-    }
+    num_prefix_tokens = 0
 
-    def __init__(self, config: CLIPVisionConfig, num_experts: int = 0, num_experts_per_tok: int = 2):
+    def __init__(self, config, num_experts: int = 0, num_experts_per_tok: int = 2):
         super().__init__(config)
         if num_experts > 1:
             for layer in self.encoder.layers:
                 layer.mlp = self._sparse_mlp(num_experts, num_experts_per_tok)
-        # CuMo reads features before the post-layernorm; a parameter that never gets gradient would trouble DDP.
         del self.post_layernorm
+        if hasattr(self, "head"):
+            del self.head
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Patch (and class) embeddings, up to the input of the first encoder layer."""
+        raise NotImplementedError
 
     def _sparse_mlp(self, num_experts: int, num_experts_per_tok: int) -> CuMoSparseMLP:
         c = self.config
@@ -46,9 +52,14 @@ class CuMoVisionModel(CuMoExpertsKernelDefault, CLIPVisionModel):
             c, c.hidden_size, c.intermediate_size, c.hidden_size, c.hidden_act, num_experts, num_experts_per_tok
         )
 
+    @property
+    def router_init_std(self) -> float:
+        """Std of fresh routers and experts: the encoder's `initializer_range` (SigLIP's config has none: 0.02)."""
+        return getattr(self.config, "initializer_range", 0.02)
+
     def _init_weights(self, module):
         super()._init_weights(module)
-        init_moe_weights(module, self.config.initializer_range)
+        init_moe_weights(module, self.router_init_std)
 
     @torch.no_grad()
     def upcycle(self, num_experts: int, num_experts_per_tok: int) -> None:
@@ -57,7 +68,7 @@ class CuMoVisionModel(CuMoExpertsKernelDefault, CLIPVisionModel):
             dense = layer.mlp
             if not isinstance(dense, CuMoSparseMLP):
                 sparse = self._sparse_mlp(num_experts, num_experts_per_tok).to(dense.fc1.weight.device, dense.fc1.weight.dtype)
-                layer.mlp = sparse.co_upcycle_(dense.fc1, dense.fc2, self.config.initializer_range)
+                layer.mlp = sparse.co_upcycle_(dense.fc1, dense.fc2, self.router_init_std)
 
     @capture_outputs(tie_last_hidden_states=False)
     def forward(self, pixel_values: torch.Tensor, num_layers: int | None = None, route_only_last: bool = False,
@@ -65,7 +76,7 @@ class CuMoVisionModel(CuMoExpertsKernelDefault, CLIPVisionModel):
         """Runs the first `num_layers` layers. With `route_only_last`, the last of them only routes (its output is
         not wanted, its routing is: bzloss counts every layer) and `last_hidden_state` is the input of that layer.
         `kwargs` are the `output_hidden_states` / `output_router_logits` switches read by `capture_outputs`."""
-        hidden_states = self.pre_layrnorm(self.embeddings(pixel_values))
+        hidden_states = self.embed(pixel_values)
         layers = self.encoder.layers[:num_layers]
         for layer in layers[:-1] if route_only_last else layers:
             hidden_states = layer(hidden_states, None)
@@ -74,8 +85,47 @@ class CuMoVisionModel(CuMoExpertsKernelDefault, CLIPVisionModel):
         return CuMoVisionOutput(last_hidden_state=hidden_states)
 
 
-def route_without_experts(layer: CLIPEncoderLayer, hidden_states: torch.Tensor) -> None:
-    """The part of a CLIP layer that its MoE router sees (attention block, then `layer_norm2`), then the router:
+class CuMoVisionModel(_CuMoVisionTower, CLIPVisionModel):
+    """CLIP vision tower with MoE MLPs (see `_CuMoVisionTower`); its CLS token precedes the patch grid."""
+
+    num_prefix_tokens = 1
+    _can_record_outputs = {
+        **CLIPPreTrainedModel._can_record_outputs,
+        "router_logits": OutputRecorder(CuMoTopKRouter, index=0),
+    }
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.pre_layrnorm(self.embeddings(pixel_values))
+
+
+class CuMoSiglipVisionModel(_CuMoVisionTower, SiglipVisionModel):
+    """SigLIP vision tower with MoE MLPs (see `_CuMoVisionTower`): no CLS token (every token is a patch feature), no
+    pre-layernorm; its pooling head is left out."""
+
+    _can_record_outputs = {
+        **SiglipPreTrainedModel._can_record_outputs,
+        "router_logits": OutputRecorder(CuMoTopKRouter, index=0),
+    }
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.embeddings(pixel_values)
+
+
+VISION_TOWERS = {"clip_vision_model": CuMoVisionModel, "siglip_vision_model": CuMoSiglipVisionModel}
+
+
+def vision_tower_class(vision_config) -> type[_CuMoVisionTower]:
+    """CuMo's tower class for a vision config (`CLIPVisionConfig` or `SiglipVisionConfig`)."""
+    try:
+        return VISION_TOWERS[vision_config.model_type]
+    except KeyError:
+        raise ValueError(
+            f"CuMo's vision tower is CLIP or SigLIP ({' or '.join(VISION_TOWERS)}), got {vision_config.model_type!r}."
+        ) from None
+
+
+def route_without_experts(layer: CLIPEncoderLayer | SiglipEncoderLayer, hidden_states: torch.Tensor) -> None:
+    """The part of an encoder layer that its MoE router sees (attention block, then `layer_norm2`), then the router:
     the layer's routing without the cost of its experts."""
     attended, _ = layer.self_attn(hidden_states=layer.layer_norm1(hidden_states), attention_mask=None)
     router_input = layer.layer_norm2(hidden_states + attended)

@@ -1,6 +1,8 @@
-"""`cumo-init`: build a fresh dense CuMo from a CLIP vision tower and a causal language model, ready for stage `pt`.
+"""`cumo-init`: build a fresh dense CuMo from a CLIP or SigLIP vision tower and a causal language model, ready for
+stage `pt`.
 
-The CLIP weights (from a CLIPModel or CLIPVisionModel checkpoint) and the language model's weights are copied in,
+The encoder's weights (from a CLIPModel / SiglipModel or a bare vision model checkpoint) and the language model's
+weights are copied in,
 the projector is freshly initialised, `<image>` is added to the tokenizer as a special token, and the folder gets
 the CuMo chat template, the processor and the remote code.
 """
@@ -9,18 +11,24 @@ import argparse
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionModel, GenerationConfig
+from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionModel, GenerationConfig, SiglipVisionModel
 
 from modeling_cumo import CuMoConfig, CuMoForConditionalGeneration, CuMoProcessor
+from modeling_cumo.vision_cumo import vision_tower_class
 from hub_upload.folders import image_processor_for
 from hub_upload.sentencepiece_tokenizer import cumo_tokenizer
 
 
-def clip_vision_config(vision_tower: str):
+# transformers' vision model of each encoder CuMo takes, to read its checkpoint's weights
+VISION_MODELS = {"clip_vision_model": CLIPVisionModel, "siglip_vision_model": SiglipVisionModel}
+
+
+def vision_tower_config(vision_tower: str):
+    """The vision config of a CLIP or SigLIP folder or Hub id (a full CLIPConfig / SiglipConfig or a bare one)."""
     config = AutoConfig.from_pretrained(vision_tower)
     config = getattr(config, "vision_config", config)
-    if config.model_type != "clip_vision_model":
-        raise ValueError(f"{vision_tower} is a {config.model_type!r} model; CuMo's vision tower is CLIP.")
+    if config.model_type not in VISION_MODELS:
+        raise ValueError(f"{vision_tower} is a {config.model_type!r} model; CuMo's vision tower is CLIP or SigLIP.")
     return config
 
 
@@ -28,7 +36,7 @@ def build(vision_tower: str, llm: str, scales=(1, 3), dtype: str = "float32", im
     """The dense CuMo and its processor (nothing written)."""
     torch_dtype = getattr(torch, dtype)
     tokenizer = cumo_tokenizer(llm, image_token)
-    vision_config = clip_vision_config(vision_tower)
+    vision_config = vision_tower_config(vision_tower)
     language_model = AutoModelForCausalLM.from_pretrained(llm, dtype=torch_dtype)
     text_config = language_model.config
     config = CuMoConfig(
@@ -47,11 +55,12 @@ def build(vision_tower: str, llm: str, scales=(1, 3), dtype: str = "float32", im
     finally:
         torch.set_default_dtype(previous)
 
-    clip = CLIPVisionModel.from_pretrained(vision_tower, dtype=torch_dtype)
-    missing, unexpected = model.model.vision_tower.load_state_dict(clip.state_dict(), strict=False)
-    if missing or any(not key.startswith("post_layernorm.") for key in unexpected):
-        raise ValueError(f"CLIP weights do not fit the vision tower: missing {missing}, unexpected {unexpected}")
-    del clip
+    encoder = VISION_MODELS[vision_config.model_type].from_pretrained(vision_tower, dtype=torch_dtype)
+    missing, unexpected = model.model.vision_tower.load_state_dict(encoder.state_dict(), strict=False)
+    # the tower leaves out what CuMo does not use: the post-layernorm and SigLIP's pooling head
+    if missing or any(not key.startswith(("post_layernorm.", "head.")) for key in unexpected):
+        raise ValueError(f"Encoder weights do not fit the vision tower: missing {missing}, unexpected {unexpected}")
+    del encoder
     model.model.language_model.load_state_dict(language_model.get_decoder().state_dict())
     model.lm_head.load_state_dict(language_model.get_output_embeddings().state_dict())
     model.generation_config = GenerationConfig.from_model_config(text_config)
@@ -59,15 +68,17 @@ def build(vision_tower: str, llm: str, scales=(1, 3), dtype: str = "float32", im
         model.generation_config = language_model.generation_config
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     del language_model
-    processor = CuMoProcessor(image_processor_for(vision_tower, vision_config.image_size), tokenizer,
-                              patch_size=vision_config.patch_size, image_token=image_token)
+    processor = CuMoProcessor(image_processor_for(vision_tower, vision_config.image_size, vision_config.model_type),
+                              tokenizer, patch_size=vision_config.patch_size, image_token=image_token,
+                              num_additional_image_tokens=vision_tower_class(vision_config).num_prefix_tokens)
     return model, processor
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vision-tower", required=True,
-                        help="CLIP folder or Hub id (e.g. openai/clip-vit-large-patch14-336)")
+                        help="CLIP or SigLIP folder or Hub id (e.g. openai/clip-vit-large-patch14-336, "
+                             "google/siglip-so400m-patch14-384)")
     parser.add_argument("--llm", required=True, help="causal LM folder or Hub id (e.g. mistralai/Mistral-7B-Instruct-v0.2)")
     parser.add_argument("--output", type=Path, required=True, help="folder to write the CuMo model to")
     parser.add_argument("--scales", type=int, nargs="+", default=[1, 3], help="S2 scales (default: 1 3)")
