@@ -269,3 +269,33 @@ def test_cumo_init_builds_a_dense_cumo_from_siglip_and_an_llm(tmp_path, full):
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == GRID
     with torch.no_grad():
         assert model(**inputs).logits.shape[1] == inputs["input_ids"].shape[1]
+
+
+def test_push_dry_run_stages_a_siglip_cumo_that_the_space_answers_with(tmp_path):
+    from hub_upload import push
+    from space.app import ChatEngine
+
+    model = siglip_model(vision_experts=4, projector_experts=4)
+    model.save_pretrained(tmp_path / "cumo")
+    siglip_processor().save_pretrained(tmp_path / "cumo")
+    push.main([str(tmp_path / "cumo"), "--repo-id", "someone/cumo-siglip", "--space", "--dry-run", "--stage-dir",
+               str(tmp_path / "stage")])
+    staged = tmp_path / "stage" / "model"
+    assert (staged / "model.safetensors").is_file() and (staged / "vision_cumo.py").is_file()
+    assert (tmp_path / "stage" / "space" / "app.py").is_file()
+
+    engine = ChatEngine(str(staged), max_new_tokens=4)
+    assert type(engine.model.model.vision_tower).__name__ == "CuMoSiglipVisionModel"
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (40, 30), (200, 40, 40)).save(photo)
+    calls, generate = [], engine.model.generate
+
+    def recorded(**kwargs):
+        calls.append(kwargs)
+        return generate(**kwargs)
+
+    engine.model.generate = recorded
+    chunks = list(engine.stream({"text": "What colour is it?", "files": [str(photo)]}, [], 0.0, 0.9, 4))
+    assert len(calls) == 1 and all(isinstance(chunk, str) for chunk in chunks)
+    image_tokens = int((calls[0]["input_ids"] == engine.model.config.image_token_id).sum())
+    assert image_tokens == GRID == calls[0]["mm_encoder_outputs"]["image"].pooler_output.shape[1]
