@@ -19,6 +19,7 @@ from modeling_cumo.processing_cumo import make_image_processor
 from modeling_cumo.vision_cumo import CuMoSiglipVisionModel, s2_crops
 from test_remote_code import LOADER
 from test_trainer import colour_dataset, snapshot
+from test_transformers_versions import VENVS
 
 
 GRID = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 16 patch tokens per image, and no CLS token
@@ -156,7 +157,10 @@ def test_generate_answers_as_greedy_forward_passes():
     assert torch.equal(generated, ids)
 
 
-def test_saved_folder_loads_with_remote_code_without_the_project(tmp_path):
+@pytest.mark.parametrize("python", [sys.executable] + [os.path.join(venv, "bin", "python") for venv in VENVS],
+                         ids=lambda python: "this" if python == sys.executable else python.split(os.sep)[-3])
+def test_saved_folder_loads_with_remote_code_without_the_project(tmp_path, python):
+    """Here, and in the environments of the oldest and newest supported transformers (`CUMO_TRANSFORMERS_VENVS`)."""
     model = siglip_model(vision_experts=4, projector_experts=4)
     processor = siglip_processor()
     folder = tmp_path / "cumo-siglip"
@@ -172,7 +176,7 @@ def test_saved_folder_loads_with_remote_code_without_the_project(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
     result_path = tmp_path / "logits.pt"
-    run = subprocess.run([sys.executable, "-c", LOADER, str(folder), str(image_path), str(result_path)],
+    run = subprocess.run([python, "-c", LOADER, str(folder), str(image_path), str(result_path)],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     results = torch.load(result_path)
