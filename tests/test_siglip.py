@@ -65,6 +65,7 @@ def test_dense_tower_is_transformers_siglip_without_head_and_reads_layer_minus_2
     tower = model.model.vision_tower
     assert isinstance(tower, CuMoSiglipVisionModel) and isinstance(tower, SiglipVisionModel)
     assert not hasattr(tower, "head") and not hasattr(tower, "post_layernorm") and tower.num_prefix_tokens == 0
+    assert "SiglipEncoderLayer" in model._no_split_modules  # device maps and FSDP keep SigLIP's layers whole
     torch.manual_seed(1)
     siglip = SiglipVisionModel(SiglipVisionConfig(**{k: v for k, v in SIGLIP.items() if k != "model_type"})).eval()
     missing, unexpected = tower.load_state_dict(siglip.state_dict(), strict=False)
