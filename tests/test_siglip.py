@@ -274,6 +274,17 @@ def test_cumo_init_builds_a_dense_cumo_from_siglip_and_an_llm(tmp_path, full):
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == GRID
     with torch.no_grad():
         assert model(**inputs).logits.shape[1] == inputs["input_ids"].shape[1]
+    if full:  # and `cumo-train` takes the folder: a pt step trains the projector from SigLIP features
+        from trainer.train import main as train
+
+        colour_dataset(4).save_to_disk(tmp_path / "data")
+        train(["--model_name_or_path", str(tmp_path / "cumo"), "--data_path", str(tmp_path / "data"), "--output_dir",
+               str(tmp_path / "pt"), "--stage", "pt", "--max_steps", "1", "--per_device_train_batch_size", "4",
+               "--use_cpu", "true", "--report_to", "none", "--save_strategy", "no"])
+        trained = AutoModelForImageTextToText.from_pretrained(tmp_path / "pt", trust_remote_code=True)
+        assert not torch.equal(trained.model.multi_modal_projector.linear_1.weight,
+                               model.model.multi_modal_projector.linear_1.weight)
+        assert torch.equal(trained.model.vision_tower.encoder.layers[1].mlp.fc1.weight, siglip_layer.mlp.fc1.weight)
 
 
 def test_push_dry_run_stages_a_siglip_cumo_that_the_space_answers_with(tmp_path):
