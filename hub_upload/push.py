@@ -34,7 +34,7 @@ CARD_TEMPLATE = """---
 
 # {model_name}
 
-A [CuMo](https://arxiv.org/abs/2405.05949) vision-language model: CLIP vision encoder and vision-language
+A [CuMo](https://arxiv.org/abs/2405.05949) vision-language model: {encoder} vision encoder and vision-language
 projector with co-upcycled sparse Mixture-of-Experts blocks ({moe}), S2 scales {scales}, and a
 `{text_model}` language model ({total} parameters, {activated} activated per token).
 Packaged with CuMo-HF as a `transformers` remote-code model: load it with `trust_remote_code=True`
@@ -80,8 +80,10 @@ def model_card(model_dir: Path, repo_id: str, license: str, base_model: list[str
 
     with torch.device("meta"):
         model = CuMoForConditionalGeneration(CuMoConfig.from_pretrained(model_dir))
+    encoder = "SigLIP" if model.config.vision_config.model_type.startswith("siglip") else "CLIP"
     experts = [f"top-{config.get(f'{m}_num_experts_per_tok')}-of-{config.get(f'{m}_num_experts')} in the {name}"
-               for m, name in (("vision", "CLIP MLPs"), ("projector", "projector")) if config.get(f"{m}_num_experts", 0) > 1]
+               for m, name in (("vision", f"{encoder} MLPs"), ("projector", "projector"))
+               if config.get(f"{m}_num_experts", 0) > 1]
     data = ModelCardData(
         license=license,
         library_name="transformers",
@@ -92,7 +94,7 @@ def model_card(model_dir: Path, repo_id: str, license: str, base_model: list[str
     )
     text = CARD_TEMPLATE.format(
         card_data=data.to_yaml(), model_name=repo_id.split("/")[-1], repo_id=repo_id,
-        moe=", ".join(experts) or "dense blocks", scales=config.get("scales"),
+        encoder=encoder, moe=", ".join(experts) or "dense blocks", scales=config.get("scales"),
         text_model=config.get("text_config", {}).get("model_type", "?"),
         total=_count(model.num_parameters()), activated=_count(model.num_activated_parameters()),
     )

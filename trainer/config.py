@@ -35,7 +35,7 @@ class CuMoSFTConfig(SFTConfig):
     stage: Literal["pt", "pft", "vit"] = field(default="vit", metadata={"help": "Training stage: pt, pft or vit."})
     upcycle_num_experts: int = field(default=4, metadata={"help": "Experts per MoE block made in the vit stage."})
     upcycle_num_experts_per_tok: int = field(default=2, metadata={"help": "Top-k of the MoE blocks made in vit."})
-    upcycle_vision: bool = field(default=True, metadata={"help": "vit stage: upcycle the CLIP MLPs."})
+    upcycle_vision: bool = field(default=True, metadata={"help": "vit stage: upcycle the vision encoder's MLPs."})
     upcycle_projector: bool = field(default=True, metadata={"help": "vit stage: upcycle the projector."})
     upcycle_experts_init: Literal["copy", "random"] = field(
         default="copy", metadata={"help": "vit stage: experts copied from the dense MLP (copy) or from scratch (random)."}
