@@ -30,7 +30,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("lmms_eval") is None,
 ROOT = Path(__file__).resolve().parents[1]
 WORLD_WORDS = ["yes", "no", "red", "green", "blue", "yellow", "purple", "circle", "square", "triangle", "one", "two",
                "three", "top left", "top right", "bottom left", "bottom right"]
-BENCHMARK_WORDS = ["yes", "no", "red", "two"]  # mostly yes/no, sometimes neither (MME's "other", POPE's miss)
+BENCHMARK_WORDS = ["yes", "no"]
 
 
 def answering_model(folder: Path, words: list[str], seed: int = 0) -> None:
@@ -68,14 +68,15 @@ def answering_model(folder: Path, words: list[str], seed: int = 0) -> None:
                 batch["attention_mask"] = torch.cat([batch["attention_mask"], torch.ones(len(prompts), 1, dtype=torch.long)], 1)
             return model(**batch, output_hidden_states=True).hidden_states[-1][:, -1]
 
-        before, after = last_hidden(), last_hidden(ids[0])
-        shared = torch.linalg.qr(torch.stack([before.mean(0), after.mean(0)]).T).Q  # what every prompt has in common
+        before, after = last_hidden().mean(0), last_hidden(ids[0]).mean(0)  # what every prompt has in common
+        shared = torch.linalg.qr(torch.stack([before, after]).T).Q
         rows = torch.randn(len(ids), embeddings.shape[1], generator=generator)
-        rows -= rows @ shared @ shared.T
+        rows -= rows @ shared @ shared.T  # the answer follows what differs from prompt to prompt ...
+        start = before - (before @ after) / (after @ after) * after
+        end = after - (after @ before) / (before @ before) * before
         head = torch.zeros_like(model.lm_head.weight)
-        head[ids] = 10 * rows
-        end = after.mean(0) - (after.mean(0) @ shared[:, 0]) * shared[:, 0]
-        head[tokenizer.eos_token_id] = 10 * end / end.norm()
+        head[ids] = 10 * rows + 20 * start / (start @ before)  # ... and every answer word outranks every other token
+        head[tokenizer.eos_token_id] = 10 * end / end.norm()  # after an answer word: the end
         model.lm_head.weight.copy_(head)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
@@ -90,7 +91,8 @@ def picture(rng: random.Random) -> Image.Image:
 def benchmark_rows(rng: random.Random) -> dict[str, list[dict]]:
     """A few rows of each benchmark in the columns of its Hub dataset (GQA's image column is what lmms-eval's
     `gqa_process_docs` adds from its image set)."""
-    objects = ["dog", "car", "chair", "cup", "person", "bottle", "tree", "bus"]
+    objects = ["dog", "car", "chair", "cup", "person", "bottle", "tree", "bus", "cat", "bench", "clock", "kite", "bowl",
+               "sink", "vase", "book"]
     pope = [{"id": str(i), "question_id": str(i), "question": f"Is there a {obj} in the image?",
              "answer": ("yes", "no")[i % 2], "image_source": f"COCO_val2014_{i:012d}", "image": picture(rng),
              "category": ("adversarial", "popular", "random")[i % 3]} for i, obj in enumerate(objects)]
