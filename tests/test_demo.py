@@ -80,6 +80,20 @@ def test_space_examples_are_scored_exactly_as_the_app_shows_them(monkeypatch):
     assert [row["right"] for row in rows] == [True, False, False]
 
 
+def test_expert_load_has_each_moe_layer_s_share_of_the_routing_slots(tmp_path):
+    from conftest import tiny_model, tiny_processor
+    from trainer.demo import evaluate
+
+    images = []
+    for i in range(3):
+        images.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (28, 28), (80 * i, 50, 90)).save(images[-1])
+    load = evaluate.expert_load(tiny_model(vision_experts=4, projector_experts=4), tiny_processor(), images)
+    assert list(load) == ["vision layer 0", "vision layer 1", "vision layer 2", "projector"]
+    assert all(len(shares) == 4 and abs(sum(shares) - 1) < 1e-6 for shares in load.values())
+    assert evaluate.expert_load(tiny_model(), tiny_processor(), images) == {}  # dense: no routers
+
+
 def test_asked_object_is_the_one_whose_attribute_answers_the_question():
     rng = random.Random(4)
     checked = 0

@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from modeling_cumo.moe_cumo import CuMoTopKRouter
+
 
 def normalise(text: str) -> str:
     return re.sub(r"[^a-z0-9 ]", "", text.lower()).strip()
@@ -73,7 +75,7 @@ def expert_load(model, processor, images: list[Path], batch_size: int = 32) -> d
     and every CLIP layer, as in training)."""
     counts, hooks = {}, []
     for name, module in model.named_modules():
-        if type(module).__name__ == "CuMoTopKRouter":
+        if isinstance(module, CuMoTopKRouter):
             counts[layer_label(name)] = torch.zeros(module.num_experts, dtype=torch.long)
 
             def hook(module, args, output, label=layer_label(name)):
