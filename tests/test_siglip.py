@@ -315,3 +315,32 @@ def test_push_dry_run_stages_a_siglip_cumo_that_the_space_answers_with(tmp_path)
     assert len(calls) == 1 and all(isinstance(chunk, str) for chunk in chunks)
     image_tokens = int((calls[0]["input_ids"] == engine.model.config.image_token_id).sum())
     assert image_tokens == GRID == calls[0]["mm_encoder_outputs"]["image"].pooler_output.shape[1]
+
+
+def test_the_toy_pipeline_runs_on_a_siglip_stand_in(tmp_path):
+    """The README's toy pipeline with `--encoder siglip`: init, the three stages, then a chat with the result."""
+    from PIL import Image
+
+    from modeling_cumo import CuMoForConditionalGeneration, CuMoProcessor
+    from trainer import init_model, toy, train
+
+    toy.main(["--output", str(tmp_path), "--samples", "16", "--encoder", "siglip"])
+    init_model.main(["--vision-tower", str(tmp_path / "siglip"), "--llm", str(tmp_path / "llm"),
+                     "--output", str(tmp_path / "init"), "--dtype", "float32", "--scales", "1", "2"])
+    cpu = ["--max_steps", "2", "--per_device_train_batch_size", "4", "--bf16", "false", "--use_cpu", "true",
+           "--dataloader_num_workers", "0", "--save_strategy", "no", "--report_to", "none"]
+    previous = tmp_path / "init"
+    for stage, data in (("pt", "captions"), ("pft", "captions"), ("vit", "instructions")):
+        train.main(["--stage", stage, "--model_name_or_path", str(previous), "--data_path",
+                    str(tmp_path / f"{data}.json"), "--image_folder", str(tmp_path), "--output_dir",
+                    str(tmp_path / stage), *cpu])
+        previous = tmp_path / stage
+    model = CuMoForConditionalGeneration.from_pretrained(previous).eval()
+    processor = CuMoProcessor.from_pretrained(previous)
+    assert model.config.vision_config.model_type == "siglip_vision_model" and model.config.vision_is_moe
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}]
+    inputs = processor(images=[Image.new("RGB", (40, 30), "red")],
+                       text=processor.apply_chat_template(messages, add_generation_prompt=True), return_tensors="pt")
+    assert (inputs["input_ids"] == model.config.image_token_id).sum() == (56 // 14) ** 2  # no CLS among the tokens
+    output = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert output.shape[1] > inputs["input_ids"].shape[1]
