@@ -64,13 +64,17 @@ def test_saved_folder_loads_with_auto_classes_without_the_project(tmp_path):
     with torch.no_grad():
         expected = model(**inputs).logits
 
+    assert_fresh_process_gives(expected, inputs, folder, image_path, tmp_path)
+
+
+def assert_fresh_process_gives(expected, inputs, folder, image_path, tmp_path, python=sys.executable):
+    """Load `folder` by remote code in a fresh `python` where this project is not importable, process `image_path`
+    there, and check its ids, pixels and both Auto classes' logits against the in-memory ones."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
     result_path = tmp_path / "logits.pt"
-    run = subprocess.run(
-        [sys.executable, "-c", LOADER, str(folder), str(image_path), str(result_path)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )
+    run = subprocess.run([python, "-c", LOADER, str(folder), str(image_path), str(result_path)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     results = torch.load(result_path)
     assert torch.equal(results["input_ids"], inputs["input_ids"])

@@ -4,7 +4,6 @@ token, loaded by remote code, trained in the three stages, and built by `cumo-in
 import math
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
@@ -17,7 +16,7 @@ from modeling_cumo import CuMoConfig, CuMoForConditionalGeneration, CuMoProcesso
 from modeling_cumo.moe_cumo import CuMoSparseMLP
 from modeling_cumo.processing_cumo import make_image_processor
 from modeling_cumo.vision_cumo import CuMoSiglipVisionModel, s2_crops
-from test_remote_code import LOADER
+from test_remote_code import assert_fresh_process_gives
 from test_trainer import colour_dataset, snapshot
 from test_transformers_versions import VENVS
 
@@ -174,17 +173,7 @@ def test_saved_folder_loads_with_remote_code_without_the_project(tmp_path, pytho
     with torch.no_grad():
         expected = model(**inputs).logits
 
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
-    result_path = tmp_path / "logits.pt"
-    run = subprocess.run([python, "-c", LOADER, str(folder), str(image_path), str(result_path)],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    results = torch.load(result_path)
-    assert torch.equal(results["input_ids"], inputs["input_ids"])
-    assert torch.equal(results["pixel_values"], inputs["pixel_values"])
-    for auto in ("AutoModel", "AutoModelForImageTextToText"):
-        assert (results[auto] - expected).abs().max() <= 1e-6, auto
+    assert_fresh_process_gives(expected, inputs, folder, image_path, tmp_path, python)
 
 
 def siglip_trainer(tmp_path, stage, model, **overrides):
