@@ -18,23 +18,14 @@ from transformers.utils import can_return_tuple
 
 try:
     from transformers.modeling_utils import slice_logits_to_keep
-except ImportError:  # transformers before 5.21
-
+except ImportError:  # transformers before 5.21: the last `logits_to_keep` positions (0: all), or the given ones
     def slice_logits_to_keep(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
-        """The last `logits_to_keep` positions (0: all), or the given positions (as LLaVA slices them)."""
-        kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        return hidden_states[:, kept, :]
+        return hidden_states[:, slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep, :]
 
 from .configuration_cumo import CuMoConfig
-from .moe_cumo import (
-    CuMoExperts,
-    CuMoExpertsKernelDefault,
-    CuMoSparseMLP,
-    count_inactive_expert_parameters,
-    init_moe_weights,
-    moe_losses,
-)
-from .vision_cumo import s2_crops, s2_merge, vision_tower_class
+from .moe_cumo import (CuMoExperts, CuMoExpertsKernelDefault, CuMoSparseMLP, count_inactive_expert_parameters,
+                        init_moe_weights, moe_losses)
+from .vision_cumo import VISION_TOWERS, s2_crops, s2_merge
 
 
 @cache
@@ -43,9 +34,8 @@ def _field_names(output_class: type) -> frozenset[str]:
 
 
 class _CachedFieldsOutput:
-    """ModelOutput's `__setattr__` lists the dataclass fields on every assignment, so building an output costs the
-    square of its field count, and ours carry the router-loss terms too (13 fields): a cost on every decode step.
-    Same behaviour, with the field names computed once per class."""
+    """ModelOutput's `__setattr__` lists the dataclass fields on every assignment: an output costs the square of its
+    field count (ours: 13) on every decode step. Same behaviour, with the field names computed once per class."""
 
     def __setattr__(self, name, value):
         if value is not None and name in _field_names(type(self)):
@@ -55,10 +45,7 @@ class _CachedFieldsOutput:
 
 @dataclass
 class _VisionLosses(_CachedFieldsOutput):
-    r"""
-    vision_balance_loss, vision_router_z_loss, projector_balance_loss, projector_router_z_loss: raw bzloss terms
-        (without coefficients) of the vision tower's and the projector's MoE blocks, when they were computed.
-    """
+    """Raw bzloss terms (without coefficients) of the vision tower's and the projector's MoE blocks, when computed."""
 
     vision_balance_loss: torch.Tensor | None = None
     vision_router_z_loss: torch.Tensor | None = None
@@ -68,11 +55,8 @@ class _VisionLosses(_CachedFieldsOutput):
 
 @dataclass
 class _CuMoLosses(_VisionLosses):
-    r"""
-    text_balance_loss, text_router_z_loss: the same terms of an MoE language model.
-    image_hidden_states: the projected image features (see `CuMoImageFeaturesOutput.pooler_output`).
-    aux_loss: `balance_loss_coef * sum(balance losses) + router_z_loss_coef * sum(z-losses)`, when computed.
-    """
+    """The same terms of an MoE language model, the projected image features (`CuMoImageFeaturesOutput.pooler_output`)
+    and `aux_loss`: `balance_loss_coef * sum(balance losses) + router_z_loss_coef * sum(z-losses)`, when computed."""
 
     text_balance_loss: torch.Tensor | None = None
     text_router_z_loss: torch.Tensor | None = None
@@ -82,10 +66,8 @@ class _CuMoLosses(_VisionLosses):
 
 @dataclass
 class CuMoImageFeaturesOutput(_VisionLosses, BaseModelOutputWithPooling):
-    r"""
-    last_hidden_state (`(num_images, num_patches, vision_hidden * len(scales))`): S2 features of the vision tower.
-    pooler_output (`(num_images, num_patches, text_hidden)`): the projected features that replace the image tokens.
-    """
+    """last_hidden_state (`(num_images, num_patches, vision_hidden * len(scales))`): S2 features of the vision tower.
+    pooler_output (`(num_images, num_patches, text_hidden)`): the projected features that replace the image tokens."""
 
 
 @dataclass
@@ -95,10 +77,8 @@ class CuMoModelOutputWithPast(_CuMoLosses, BaseModelOutputWithPast):
 
 @dataclass
 class CuMoCausalLMOutputWithPast(_CuMoLosses, CausalLMOutputWithPast):
-    r"""
-    loss: cross-entropy (with `labels`) plus `aux_loss` (when the MoE losses were computed: in training or with labels).
-    Other fields as in `CuMoModelOutputWithPast`.
-    """
+    """`loss`: cross-entropy (with `labels`) plus `aux_loss` (when the MoE losses were computed: in training or with
+    labels). Other fields as in `CuMoModelOutputWithPast`."""
 
 
 ROUTER_LOSS_FIELDS = tuple(field.name for field in fields(_CuMoLosses) if field.name.endswith(("balance_loss", "z_loss")))
@@ -128,9 +108,8 @@ def make_projector(config: CuMoConfig) -> CuMoMultiModalProjector | CuMoSparseML
 
 
 class _ReachableFrom(torch.autograd.Function):
-    """Identity on `hidden`, with `aux` as an extra input whose gradient is None: the aux loss becomes visible from
-    the hidden states (DDP's unused-parameter search walks the graph from a forward's outputs) without changing any
-    gradient."""
+    """Identity on `hidden`, with `aux` as an extra input whose gradient is None: DDP's unused-parameter search, which
+    walks the graph from a forward's outputs, then sees the aux loss, and no gradient changes."""
 
     @staticmethod
     def forward(ctx, hidden, aux):
@@ -182,7 +161,7 @@ class CuMoModel(CuMoPreTrainedModel):
     def __init__(self, config: CuMoConfig):
         super().__init__(config)
         experts = config.vision_num_experts if config.vision_is_moe else 0
-        tower_class = vision_tower_class(config.vision_config)
+        tower_class = VISION_TOWERS[config.vision_config.model_type]  # the config checked the model type
         self.vision_tower = tower_class(config.vision_config, experts, config.vision_num_experts_per_tok)
         self.multi_modal_projector = make_projector(config)
         self.language_model = AutoModel.from_config(config.text_config)
@@ -193,12 +172,6 @@ class CuMoModel(CuMoPreTrainedModel):
             )
         self.post_init()
 
-    def get_input_embeddings(self):
-        return self.language_model.get_input_embeddings()
-
-    def set_input_embeddings(self, value):
-        self.language_model.set_input_embeddings(value)
-
     @property
     def language_model_is_moe(self) -> bool:
         return "router_logits" in (getattr(self.language_model, "_can_record_outputs", None) or {})
@@ -206,16 +179,12 @@ class CuMoModel(CuMoPreTrainedModel):
     @torch.no_grad()
     def upcycle(self, num_experts: int = 4, num_experts_per_tok: int = 2, vision: bool = True, projector: bool = True,
                 experts_init: str = "copy"):
-        """Co-upcycle the dense vision MLPs and/or the dense projector into top-k MoE blocks: experts are copies of
-        the dense weights (`experts_init="copy"`) or freshly initialised (`"random"`, the paper's MoE trained from
-        scratch, Table 3a)."""
+        """Co-upcycle the dense blocks asked for (see `CuMoForConditionalGeneration.upcycle`)."""
         if experts_init not in ("copy", "random"):
             raise ValueError(f"`experts_init` must be 'copy' or 'random', got {experts_init!r}.")
         if num_experts < 2 or not 1 <= num_experts_per_tok <= num_experts:
-            raise ValueError(
-                f"Upcycling needs num_experts >= 2 and 1 <= num_experts_per_tok <= num_experts, "
-                f"got {num_experts} and {num_experts_per_tok}."
-            )
+            raise ValueError(f"Upcycling needs num_experts >= 2 and 1 <= num_experts_per_tok <= num_experts, "
+                             f"got {num_experts} and {num_experts_per_tok}.")
         config = self.config
         vision = vision and not config.vision_is_moe
         projector = projector and not config.projector_is_moe
@@ -236,39 +205,29 @@ class CuMoModel(CuMoPreTrainedModel):
                 if upcycled:
                     blocks.apply(lambda module: init_moe_weights(module, std))
 
-    def get_image_features(
-        self, pixel_values: torch.Tensor, compute_router_losses: bool = False, **kwargs
-    ) -> CuMoImageFeaturesOutput:
+    def get_image_features(self, pixel_values: torch.Tensor, compute_router_losses: bool = False,
+                           **kwargs) -> CuMoImageFeaturesOutput:
         """S2 features of the vision tower (all crops of all scales in one tower call), then the projector.
 
         The tower runs up to the feature layer only. When the MoE losses are wanted, the routers of the later layers
         count too, as in the original: the layers between run, and the last one only routes (its experts' output
-        would be thrown away).
-        """
+        would be thrown away)."""
         config = self.config
-        vision_config = config.vision_config
-        if pixel_values.ndim != 4 or pixel_values.shape[1:] != (3, vision_config.image_size, vision_config.image_size):
-            raise ValueError(
-                f"`pixel_values` must have shape (num_images, 3, {vision_config.image_size}, "
-                f"{vision_config.image_size}), got {tuple(pixel_values.shape)}. Use the model's processor."
-            )
+        size = config.vision_config.image_size
+        if pixel_values.ndim != 4 or pixel_values.shape[1:] != (3, size, size):
+            raise ValueError(f"`pixel_values` must have shape (num_images, 3, {size}, {size}), got "
+                             f"{tuple(pixel_values.shape)}. Use the model's processor.")
         num_images = pixel_values.shape[0]
         vision_losses = compute_router_losses and config.vision_is_moe
         projector_losses = compute_router_losses and config.projector_is_moe
         num_feature_layers = config.num_feature_layers
-        num_layers = vision_config.num_hidden_layers if vision_losses else num_feature_layers
-
-        pixel_values = pixel_values.to(self.vision_tower.dtype)
+        num_layers = config.vision_config.num_hidden_layers if vision_losses else num_feature_layers
         route_only_last = num_layers != num_feature_layers
         # the tower's last_hidden_state is the feature layer's output unless layers run beyond the one routed only
         features_inside = route_only_last and num_layers - 1 != num_feature_layers
-        tower = self.vision_tower(
-            s2_crops(pixel_values, config.scales),
-            num_layers=num_layers,
-            route_only_last=route_only_last,
-            output_hidden_states=features_inside,
-            output_router_logits=vision_losses,
-        )
+        crops = s2_crops(pixel_values.to(self.vision_tower.dtype), config.scales)
+        tower = self.vision_tower(crops, num_layers=num_layers, route_only_last=route_only_last,
+                                  output_hidden_states=features_inside, output_router_logits=vision_losses)
         hidden = tower.hidden_states[num_feature_layers] if features_inside else tower.last_hidden_state
         # CLIP's CLS token dropped; SigLIP has none
         vision_features = s2_merge(hidden[:, self.vision_tower.num_prefix_tokens :], config.scales, num_images)
@@ -307,25 +266,16 @@ class CuMoModel(CuMoPreTrainedModel):
     def _check_image_tokens(special_image_mask: torch.Tensor, features: torch.Tensor) -> None:
         num_tokens = int(special_image_mask.sum())
         if num_tokens != features.shape[0] * features.shape[1]:
-            raise ValueError(
-                f"The prompts hold {num_tokens} image tokens but {features.shape[0]} image(s) give "
-                f"{features.shape[0]} x {features.shape[1]} features: pass one image per `<image>` placeholder and let "
-                "the processor expand each placeholder."
-            )
+            raise ValueError(f"The prompts hold {num_tokens} image tokens but {features.shape[0]} image(s) give "
+                             f"{features.shape[0]} x {features.shape[1]} features: pass one image per `<image>` "
+                             "placeholder and let the processor expand each placeholder.")
 
     @can_return_tuple
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        mm_encoder_outputs: dict[str, CuMoImageFeaturesOutput] | None = None,
-        compute_router_losses: bool | None = None,
-        **kwargs,
-    ) -> CuMoModelOutputWithPast:
+    def forward(self, input_ids: torch.LongTensor | None = None, pixel_values: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.LongTensor | None = None,
+                past_key_values: Cache | None = None, inputs_embeds: torch.Tensor | None = None,
+                mm_encoder_outputs: dict[str, CuMoImageFeaturesOutput] | None = None,
+                compute_router_losses: bool | None = None, **kwargs) -> CuMoModelOutputWithPast:
         r"""
         mm_encoder_outputs (`dict`, *optional*): `{"image": model.get_image_features(pixel_values)}` computed
             beforehand, e.g. once per chat conversation, instead of `pixel_values`.
@@ -360,13 +310,8 @@ class CuMoModel(CuMoPreTrainedModel):
         text_losses = compute_router_losses and self.language_model_is_moe
         if text_losses:
             kwargs["output_router_logits"] = True
-        outputs = self.language_model(
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            **kwargs,
-        )
+        outputs = self.language_model(attention_mask=attention_mask, position_ids=position_ids,
+                                      past_key_values=past_key_values, inputs_embeds=inputs_embeds, **kwargs)
 
         losses = {name: getattr(image_outputs, name, None) for name in ROUTER_LOSS_FIELDS[:4]}
         if text_losses:
@@ -384,21 +329,14 @@ class CuMoModel(CuMoPreTrainedModel):
             # (the last CLIP layer's) would then look unused to DDP at the end of the forward, then get a gradient
             last_hidden_state = _ReachableFrom.apply(last_hidden_state, aux_loss)
         return CuMoModelOutputWithPast(
-            last_hidden_state=last_hidden_state,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            image_hidden_states=image_features,
-            aux_loss=aux_loss,
-            **losses,
+            last_hidden_state=last_hidden_state, past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states, attentions=outputs.attentions, image_hidden_states=image_features,
+            aux_loss=aux_loss, **losses,
         )
 
     def _aux_loss(self, losses: dict[str, torch.Tensor | None]) -> torch.Tensor | None:
-        terms = [
-            (self.config.balance_loss_coef if name.endswith("balance_loss") else self.config.router_z_loss_coef) * value
-            for name, value in losses.items()
-            if value is not None
-        ]
+        terms = [(self.config.balance_loss_coef if name.endswith("balance_loss") else self.config.router_z_loss_coef)
+                 * value for name, value in losses.items() if value is not None]
         return torch.stack(terms).sum() if terms else None
 
 
@@ -413,15 +351,6 @@ class CuMoForConditionalGeneration(CuMoPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
 
-    def get_input_embeddings(self):
-        return self.model.get_input_embeddings()
-
-    def set_input_embeddings(self, value):
-        self.model.set_input_embeddings(value)
-
-    def get_output_embeddings(self) -> nn.Module:
-        return self.lm_head
-
     def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> CuMoImageFeaturesOutput:
         return self.model.get_image_features(pixel_values, **kwargs)
 
@@ -429,9 +358,8 @@ class CuMoForConditionalGeneration(CuMoPreTrainedModel, GenerationMixin):
                 experts_init: str = "copy"):
         """Co-upcycling (paper §3.2): the dense CLIP MLPs and projector become top-k MoE blocks whose experts are
         copies of the dense weights, with fresh routers. Outputs are unchanged right after. `experts_init="random"`
-        initialises the experts afresh instead (MoE from scratch). Returns `self`."""
-        self.model.upcycle(num_experts, num_experts_per_tok, vision=vision, projector=projector,
-                           experts_init=experts_init)
+        initialises the experts afresh instead (the paper's MoE trained from scratch, Table 3a). Returns `self`."""
+        self.model.upcycle(num_experts, num_experts_per_tok, vision, projector, experts_init)
         return self
 
     def freeze_parameters_without_gradient(self) -> None:
@@ -444,20 +372,12 @@ class CuMoForConditionalGeneration(CuMoPreTrainedModel, GenerationMixin):
         """Parameters one token uses: all of them minus the experts it is not routed to (paper, Table 7)."""
         return self.num_parameters() - count_inactive_expert_parameters(self)
 
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        mm_encoder_outputs: dict[str, CuMoImageFeaturesOutput] | None = None,
-        compute_router_losses: bool | None = None,
-        **kwargs,
-    ) -> CuMoCausalLMOutputWithPast:
+    def forward(self, input_ids: torch.LongTensor | None = None, pixel_values: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.LongTensor | None = None,
+                past_key_values: Cache | None = None, inputs_embeds: torch.Tensor | None = None,
+                labels: torch.LongTensor | None = None, logits_to_keep: int | torch.Tensor = 0,
+                mm_encoder_outputs: dict[str, CuMoImageFeaturesOutput] | None = None,
+                compute_router_losses: bool | None = None, **kwargs) -> CuMoCausalLMOutputWithPast:
         r"""
         labels (`torch.LongTensor` of shape `(batch, sequence)`, *optional*): next-token targets, -100 to ignore;
             image placeholder positions are always ignored.
@@ -467,37 +387,24 @@ class CuMoForConditionalGeneration(CuMoPreTrainedModel, GenerationMixin):
         if compute_router_losses is None and labels is not None:
             compute_router_losses = True
         outputs = self.model(
-            input_ids=input_ids,
-            pixel_values=pixel_values,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            mm_encoder_outputs=mm_encoder_outputs,
-            compute_router_losses=compute_router_losses,
-            **kwargs,
+            input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, mm_encoder_outputs=mm_encoder_outputs,
+            compute_router_losses=compute_router_losses, **kwargs,
         )
-        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
-        logits = self.lm_head(hidden_states)
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
 
         loss = None
         if labels is not None:
             if input_ids is not None:  # image positions predict nothing (and their id may be outside the vocabulary)
                 labels = labels.masked_fill(input_ids == self.config.image_token_id, -100)
-            loss = self.loss_function(
-                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
-            )
+            vocab_size = self.config.text_config.vocab_size
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=vocab_size, **kwargs)
         if outputs.aux_loss is not None:
             loss = outputs.aux_loss if loss is None else loss + outputs.aux_loss
 
         return CuMoCausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            image_hidden_states=outputs.image_hidden_states,
-            aux_loss=outputs.aux_loss,
+            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions, image_hidden_states=outputs.image_hidden_states, aux_loss=outputs.aux_loss,
             **{name: getattr(outputs, name) for name in ROUTER_LOSS_FIELDS},
         )
 

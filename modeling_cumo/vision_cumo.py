@@ -28,8 +28,8 @@ class _CuMoVisionTower(CuMoExpertsKernelDefault):
 
     Dense layers keep the encoder's own weight names, so an ordinary CLIP or SigLIP checkpoint loads into a dense
     tower. The post-layernorm (and SigLIP's pooling head) are left out: CuMo reads features before them, and a
-    parameter that never gets gradient would trouble DDP. A subclass names the encoder's embedding step (`embed`)
-    and how many tokens precede the patch grid (`num_prefix_tokens`: CLIP's CLS token)."""
+    parameter that never gets gradient would trouble DDP. A subclass may extend the embedding step (`embed`) and
+    names how many tokens precede the patch grid (`num_prefix_tokens`: CLIP's CLS token)."""
 
     num_prefix_tokens = 0
 
@@ -44,13 +44,12 @@ class _CuMoVisionTower(CuMoExpertsKernelDefault):
 
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Patch (and class) embeddings, up to the input of the first encoder layer."""
-        raise NotImplementedError
+        return self.embeddings(pixel_values)
 
     def _sparse_mlp(self, num_experts: int, num_experts_per_tok: int) -> CuMoSparseMLP:
         c = self.config
-        return CuMoSparseMLP(
-            c, c.hidden_size, c.intermediate_size, c.hidden_size, c.hidden_act, num_experts, num_experts_per_tok
-        )
+        return CuMoSparseMLP(c, c.hidden_size, c.intermediate_size, c.hidden_size, c.hidden_act, num_experts,
+                             num_experts_per_tok)
 
     @property
     def router_init_std(self) -> float:
@@ -85,43 +84,27 @@ class _CuMoVisionTower(CuMoExpertsKernelDefault):
         return CuMoVisionOutput(last_hidden_state=hidden_states)
 
 
+_ROUTER_LOGITS = OutputRecorder(CuMoTopKRouter, index=0)  # what `output_router_logits` records
+
+
 class CuMoVisionModel(_CuMoVisionTower, CLIPVisionModel):
     """CLIP vision tower with MoE MLPs (see `_CuMoVisionTower`); its CLS token precedes the patch grid."""
 
     num_prefix_tokens = 1
-    _can_record_outputs = {
-        **CLIPPreTrainedModel._can_record_outputs,
-        "router_logits": OutputRecorder(CuMoTopKRouter, index=0),
-    }
+    _can_record_outputs = {**CLIPPreTrainedModel._can_record_outputs, "router_logits": _ROUTER_LOGITS}
 
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.pre_layrnorm(self.embeddings(pixel_values))
 
 
 class CuMoSiglipVisionModel(_CuMoVisionTower, SiglipVisionModel):
-    """SigLIP vision tower with MoE MLPs (see `_CuMoVisionTower`): no CLS token (every token is a patch feature), no
-    pre-layernorm; its pooling head is left out."""
+    """SigLIP vision tower with MoE MLPs (see `_CuMoVisionTower`): no CLS token, no pre-layernorm, no pooling head."""
 
-    _can_record_outputs = {
-        **SiglipPreTrainedModel._can_record_outputs,
-        "router_logits": OutputRecorder(CuMoTopKRouter, index=0),
-    }
-
-    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.embeddings(pixel_values)
+    _can_record_outputs = {**SiglipPreTrainedModel._can_record_outputs, "router_logits": _ROUTER_LOGITS}
 
 
+# CuMo's tower class for each vision config's `model_type` (CuMoConfig accepts only these)
 VISION_TOWERS = {"clip_vision_model": CuMoVisionModel, "siglip_vision_model": CuMoSiglipVisionModel}
-
-
-def vision_tower_class(vision_config) -> type[_CuMoVisionTower]:
-    """CuMo's tower class for a vision config (`CLIPVisionConfig` or `SiglipVisionConfig`)."""
-    try:
-        return VISION_TOWERS[vision_config.model_type]
-    except KeyError:
-        raise ValueError(
-            f"CuMo's vision tower is CLIP or SigLIP ({' or '.join(VISION_TOWERS)}), got {vision_config.model_type!r}."
-        ) from None
 
 
 def route_without_experts(layer: CLIPEncoderLayer | SiglipEncoderLayer, hidden_states: torch.Tensor) -> None:
@@ -142,11 +125,8 @@ def s2_crops(pixel_values: torch.Tensor, scales: list[int]) -> torch.Tensor:
             batches.append(pixel_values)
             continue
         big = F.interpolate(pixel_values, size=(size * scale, size * scale), mode="bicubic", align_corners=False)
-        batches.extend(
-            big[..., row * size : (row + 1) * size, col * size : (col + 1) * size]
-            for row in range(scale)
-            for col in range(scale)
-        )
+        batches.extend(big[..., row * size : (row + 1) * size, col * size : (col + 1) * size]
+                       for row in range(scale) for col in range(scale))
     return torch.cat(batches, dim=0)
 
 

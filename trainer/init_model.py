@@ -2,9 +2,8 @@
 stage `pt`.
 
 The encoder's weights (from a CLIPModel / SiglipModel or a bare vision model checkpoint) and the language model's
-weights are copied in,
-the projector is freshly initialised, `<image>` is added to the tokenizer as a special token, and the folder gets
-the CuMo chat template, the processor and the remote code.
+weights are copied in, the projector is freshly initialised, `<image>` is added to the tokenizer as a special token,
+and the folder gets the CuMo chat template, the processor and the remote code.
 """
 
 import argparse
@@ -12,9 +11,10 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionModel, GenerationConfig, SiglipVisionModel
+from transformers.modeling_utils import local_torch_dtype
 
 from modeling_cumo import CuMoConfig, CuMoForConditionalGeneration, CuMoProcessor
-from modeling_cumo.vision_cumo import vision_tower_class
+from modeling_cumo.vision_cumo import VISION_TOWERS
 from hub_upload.folders import image_processor_for
 from hub_upload.sentencepiece_tokenizer import cumo_tokenizer
 
@@ -40,20 +40,12 @@ def build(vision_tower: str, llm: str, scales=(1, 3), dtype: str = "float32", im
     language_model = AutoModelForCausalLM.from_pretrained(llm, dtype=torch_dtype)
     text_config = language_model.config
     config = CuMoConfig(
-        vision_config=vision_config.to_dict(),
-        text_config=text_config.to_dict(),
-        image_token_id=tokenizer.convert_tokens_to_ids(image_token),
-        scales=list(scales),
-        vision_num_experts=0,
-        projector_num_experts=0,
+        vision_config=vision_config.to_dict(), text_config=text_config.to_dict(), scales=list(scales),
+        image_token_id=tokenizer.convert_tokens_to_ids(image_token), vision_num_experts=0, projector_num_experts=0,
         tie_word_embeddings=getattr(text_config, "tie_word_embeddings", False),
     )
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch_dtype)
-    try:
+    with local_torch_dtype(torch_dtype):
         model = CuMoForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(previous)
 
     encoder = VISION_MODELS[vision_config.model_type].from_pretrained(vision_tower, dtype=torch_dtype)
     missing, unexpected = model.model.vision_tower.load_state_dict(encoder.state_dict(), strict=False)
@@ -63,22 +55,19 @@ def build(vision_tower: str, llm: str, scales=(1, 3), dtype: str = "float32", im
     del encoder
     model.model.language_model.load_state_dict(language_model.get_decoder().state_dict())
     model.lm_head.load_state_dict(language_model.get_output_embeddings().state_dict())
-    model.generation_config = GenerationConfig.from_model_config(text_config)
-    if language_model.generation_config is not None:
-        model.generation_config = language_model.generation_config
+    model.generation_config = language_model.generation_config or GenerationConfig.from_model_config(text_config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     del language_model
     processor = CuMoProcessor(image_processor_for(vision_tower, vision_config.image_size, vision_config.model_type),
                               tokenizer, patch_size=vision_config.patch_size, image_token=image_token,
-                              num_additional_image_tokens=vision_tower_class(vision_config).num_prefix_tokens)
+                              num_additional_image_tokens=VISION_TOWERS[vision_config.model_type].num_prefix_tokens)
     return model, processor
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--vision-tower", required=True,
-                        help="CLIP or SigLIP folder or Hub id (e.g. openai/clip-vit-large-patch14-336, "
-                             "google/siglip-so400m-patch14-384)")
+    parser.add_argument("--vision-tower", required=True, help="CLIP or SigLIP folder or Hub id (e.g. "
+                        "openai/clip-vit-large-patch14-336, google/siglip-so400m-patch14-384)")
     parser.add_argument("--llm", required=True, help="causal LM folder or Hub id (e.g. mistralai/Mistral-7B-Instruct-v0.2)")
     parser.add_argument("--output", type=Path, required=True, help="folder to write the CuMo model to")
     parser.add_argument("--scales", type=int, nargs="+", default=[1, 3], help="S2 scales (default: 1 3)")
