@@ -3,14 +3,8 @@
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 from .configuration_cumo import CuMoConfig
-from .modeling_cumo import (
-    CuMoCausalLMOutputWithPast,
-    CuMoForConditionalGeneration,
-    CuMoImageFeaturesOutput,
-    CuMoModel,
-    CuMoModelOutputWithPast,
-    CuMoPreTrainedModel,
-)
+from .modeling_cumo import (CuMoCausalLMOutputWithPast, CuMoForConditionalGeneration, CuMoImageFeaturesOutput,
+                            CuMoModel, CuMoModelOutputWithPast, CuMoPreTrainedModel)
 from .processing_cumo import CuMoProcessor
 
 
@@ -21,13 +15,5 @@ for _auto in (AutoModel, AutoModelForImageTextToText):
     _auto.register(CuMoConfig, CuMoForConditionalGeneration, exist_ok=True)
 AutoProcessor.register(CuMoConfig, CuMoProcessor, exist_ok=True)
 
-__all__ = [
-    "CuMoCausalLMOutputWithPast",
-    "CuMoConfig",
-    "CuMoForConditionalGeneration",
-    "CuMoImageFeaturesOutput",
-    "CuMoModel",
-    "CuMoModelOutputWithPast",
-    "CuMoPreTrainedModel",
-    "CuMoProcessor",
-]
+__all__ = ["CuMoCausalLMOutputWithPast", "CuMoConfig", "CuMoForConditionalGeneration", "CuMoImageFeaturesOutput",
+           "CuMoModel", "CuMoModelOutputWithPast", "CuMoPreTrainedModel", "CuMoProcessor"]

@@ -10,16 +10,8 @@ except ImportError:  # transformers before 5.20: `__post_init__` below builds th
     SubConfigSpec = None
 
 
-# The released CuMo checkpoints use CLIP ViT-L/14 at 336 px (the default vision config below) and Mistral-7B.
-_CLIP_L_336 = {
-    "intermediate_size": 4096,
-    "hidden_size": 1024,
-    "patch_size": 14,
-    "image_size": 336,
-    "num_hidden_layers": 24,
-    "num_attention_heads": 16,
-    "projection_dim": 768,
-}
+_CLIP_L_336 = {"intermediate_size": 4096, "hidden_size": 1024, "patch_size": 14, "image_size": 336,
+               "num_hidden_layers": 24, "num_attention_heads": 16, "projection_dim": 768}
 
 
 # The vision encoders CuMo's tower can be (transformers' model types of their vision configs).
@@ -79,23 +71,17 @@ class CuMoConfig(PreTrainedConfig):
         if not self.scales or any(s < 1 for s in self.scales) or len(set(self.scales)) != len(self.scales):
             raise ValueError(f"`scales` must be distinct positive integers, got {self.scales}.")
         for name in ("vision", "projector"):
-            experts = getattr(self, f"{name}_num_experts")
-            top_k = getattr(self, f"{name}_num_experts_per_tok")
+            experts, top_k = getattr(self, f"{name}_num_experts"), getattr(self, f"{name}_num_experts_per_tok")
             if experts < 0 or (experts > 1 and not 1 <= top_k <= experts):
-                raise ValueError(
-                    f"`{name}_num_experts_per_tok` must be between 1 and `{name}_num_experts` ({experts}), got {top_k}."
-                )
+                raise ValueError(f"`{name}_num_experts_per_tok` must be between 1 and `{name}_num_experts` "
+                                 f"({experts}), got {top_k}.")
         if self.vision_config.model_type not in VISION_MODEL_TYPES:
-            raise ValueError(
-                f"CuMo's vision tower is CLIP or SigLIP (`model_type` {' or '.join(VISION_MODEL_TYPES)}), got "
-                f"{self.vision_config.model_type!r}."
-            )
+            raise ValueError(f"CuMo's vision tower is CLIP or SigLIP (`model_type` {' or '.join(VISION_MODEL_TYPES)}), "
+                             f"got {self.vision_config.model_type!r}.")
         num_layers = self.vision_config.num_hidden_layers
         if not -num_layers - 1 <= self.vision_feature_layer <= num_layers:
-            raise ValueError(
-                f"`vision_feature_layer` must index one of the {num_layers + 1} hidden states of the vision tower, "
-                f"got {self.vision_feature_layer}."
-            )
+            raise ValueError(f"`vision_feature_layer` must index one of the {num_layers + 1} hidden states of the "
+                             f"vision tower, got {self.vision_feature_layer}.")
         auto_map = getattr(self, "auto_map", None) or {}
         if "AutoModel" not in auto_map:
             # AutoModel gives the generate-capable model, as remote-code VLMs on the Hub customarily do.
@@ -112,13 +98,11 @@ class CuMoConfig(PreTrainedConfig):
     @property
     def num_feature_layers(self) -> int:
         """How many CLIP encoder layers produce the feature layer (the rest are only needed for the MoE losses)."""
-        num_layers = self.vision_config.num_hidden_layers
-        return self.vision_feature_layer % (num_layers + 1)
+        return self.vision_feature_layer % (self.vision_config.num_hidden_layers + 1)
 
 
 def _sub_config(value, model_type: str, defaults: dict) -> PreTrainedConfig:
-    """What `SubConfigSpec` does in newer transformers: a dict (or None: the defaults) becomes the config of its
-    `model_type`."""
+    """`SubConfigSpec` of newer transformers: a dict (or None: the defaults) becomes the config of its `model_type`."""
     if isinstance(value, PreTrainedConfig):
         return value
     value = dict(defaults if value is None else value)

@@ -30,8 +30,7 @@ class CuMoExperts(nn.Module):
 
     The layout is transformers' non-gated experts layout (`up_proj`, `down_proj`, `*_bias`). The eager forward
     groups the tokens by expert and runs one matmul per expert; the contributions are added onto zeros in
-    expert-index order, as the original implementation does.
-    """
+    expert-index order, as the original implementation does."""
 
     def __init__(self, config, num_experts: int, in_features: int, hidden_features: int, out_features: int,
                  hidden_act: str):
@@ -53,8 +52,7 @@ class CuMoExperts(nn.Module):
         counts = torch.bincount(expert_ids, minlength=self.num_experts).tolist()
         # the banks are unbound once: the backward then stacks each bank's gradient once instead of zero-filling
         # a whole bank for every expert
-        banks = zip(self.up_proj.unbind(0), self.up_proj_bias.unbind(0), self.down_proj.unbind(0),
-                    self.down_proj_bias.unbind(0))
+        banks = zip(*(p.unbind(0) for p in (self.up_proj, self.up_proj_bias, self.down_proj, self.down_proj_bias)))
         start = 0
         for count, (up, up_bias, down, down_bias) in zip(counts, banks):
             if count == 0:
@@ -101,8 +99,7 @@ CUMO_EXPERTS_FUNCTIONS["auto"] = _per_device_experts_forward
 @use_experts_implementation(experts_interface=CUMO_EXPERTS_FUNCTIONS, has_gate=False, has_bias=True)
 class CuMoVisionExperts(CuMoExperts):
     """Experts that keep the width (an encoder's MLPs), so transformers' experts kernels (`grouped_mm`, `batched_mm`,
-    ...) apply; `config._experts_implementation` picks one ("eager" is the forward above, "auto", the default, picks
-    per device with `per_device_experts_kernel`)."""
+    ...) apply; `config._experts_implementation` picks one ("eager": the forward above; "auto": per device)."""
 
 
 class CuMoSparseMLP(nn.Module):
@@ -129,10 +126,9 @@ class CuMoSparseMLP(nn.Module):
         """Co-upcycling, in place: every expert becomes a copy of the dense MLP `down(act(up(x)))`; the router starts
         fresh. Since the k routing weights sum to 1, the block then computes exactly what the dense MLP did."""
         experts = self.experts
-        experts.up_proj.copy_(up.weight.expand_as(experts.up_proj))
-        experts.up_proj_bias.copy_(up.bias.expand_as(experts.up_proj_bias))
-        experts.down_proj.copy_(down.weight.expand_as(experts.down_proj))
-        experts.down_proj_bias.copy_(down.bias.expand_as(experts.down_proj_bias))
+        for bank, dense in zip((experts.up_proj, experts.up_proj_bias, experts.down_proj, experts.down_proj_bias),
+                               (up.weight, up.bias, down.weight, down.bias)):
+            bank.copy_(dense.expand_as(bank))
         self.gate.weight.normal_(0.0, router_std)
         return self
 
@@ -153,8 +149,7 @@ def router_losses(router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
     balance = E * sum_e P_e * f_e = E^2 * mean_e(P_e * f_e), with P_e the mean router probability of expert e and f_e
     the fraction of tokens whose top-1 expert is e (top-1 even for top-k routing, as in the paper's code);
-    z = mean over tokens of logsumexp(logits)^2. Returns two tensors of shape `(samples,)`.
-    """
+    z = mean over tokens of logsumexp(logits)^2. Returns two tensors of shape `(samples,)`."""
     logits = router_logits.float()
     num_experts = logits.shape[-1]
     probs = torch.softmax(logits, dim=-1)
@@ -173,11 +168,9 @@ def moe_losses(router_logits: tuple[torch.Tensor, ...], samples: list[int]) -> t
     num_layers, _, num_experts = logits.shape
     num_samples = sum(samples)
     balance, z = router_losses(logits.reshape(num_layers * num_samples, -1, num_experts))
-    per_group = [
-        torch.stack([part.mean(dim=1) for part in loss.view(num_layers, num_samples).split(samples, dim=1)])
-        for loss in (balance, z)
-    ]  # each (groups, layers)
-    return per_group[0].mean(dim=1).mean(), per_group[1].mean(dim=1).mean()
+    groups = [loss.view(num_layers, num_samples).split(samples, dim=1) for loss in (balance, z)]
+    # (groups, layers) means over each group's samples, then the mean over layers, then over groups
+    return tuple(torch.stack([part.mean(dim=1) for part in parts]).mean(dim=1).mean() for parts in groups)
 
 
 def count_inactive_expert_parameters(model: nn.Module) -> int:

@@ -35,14 +35,12 @@ CHAT_TEMPLATE = (
     "{%- else -%}{%- set system_message = default_system -%}{%- set loop_messages = messages -%}{%- endif -%}"
     "{{- bos_token + bos_token -}}"
     "{%- for message in loop_messages -%}" + _MESSAGE_PARTS +
-    "{%- if message['role'] == 'user' -%}"
-    "{{- '[INST] ' -}}"
+    "{%- if message['role'] == 'user' -%}{{- '[INST] ' -}}"
     "{%- if loop.first and system_message -%}{{- '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' -}}{%- endif -%}"
     "{{- '<image>\\n' * num_images + ns.text + ' [/INST]' -}}"
     "{%- elif message['role'] == 'assistant' -%}"
     "{%- generation -%}{{- ' ' + ns.text + ' ' + eos_token -}}{%- endgeneration -%}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
+    "{%- endif -%}{%- endfor -%}"
 )
 
 
@@ -53,8 +51,7 @@ PLAIN_CHAT_TEMPLATE = (
     "{%- for message in messages -%}" + _MESSAGE_PARTS +
     "{%- if message['role'] == 'user' -%}{{- '<image>' * num_images -}}"
     "{%- elif message['role'] == 'assistant' -%}{%- generation -%}{{- ns.text + '\\n' -}}{%- endgeneration -%}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
+    "{%- endif -%}{%- endfor -%}"
 )
 
 
@@ -65,18 +62,11 @@ def make_image_processor(image_size: int = 336, image_mean=None, image_std=None,
     bit-exact with PIL. `crop=False` resizes straight to `image_size` x `image_size` without a crop, as SigLIP's own
     processor does (LLaVA-style SigLIP models pad first, then that; pass SigLIP's mean and std, 0.5). `kwargs` go to
     the image processor (e.g. `resample`)."""
-    if image_mean is not None:
-        kwargs["image_mean"] = list(image_mean)
-    if image_std is not None:
-        kwargs["image_std"] = list(image_std)
-    size = {"shortest_edge": image_size} if crop else {"height": image_size, "width": image_size}
-    return LlavaImageProcessorPil(
-        do_pad=True,
-        size=size,
-        do_center_crop=crop,
-        crop_size={"height": image_size, "width": image_size},
-        **kwargs,
-    )
+    kwargs.update({name: list(value) for name, value in (("image_mean", image_mean), ("image_std", image_std))
+                   if value is not None})
+    square = {"height": image_size, "width": image_size}
+    return LlavaImageProcessorPil(do_pad=True, size={"shortest_edge": image_size} if crop else square,
+                                  do_center_crop=crop, crop_size=square, **kwargs)
 
 
 def to_rgb_image(image):
@@ -111,26 +101,18 @@ class CuMoProcessor(LlavaProcessor):
     """Image processor + tokenizer + chat template. Each `<image>` in the text becomes one image token per patch of
     the base grid (S2 scales keep the grid), filled by the model with that image's features.
 
-    The chat template writes every special token, so the tokenizer is set to add none of its own (its automatic
-    BOS is turned off): `processor(text=processor.apply_chat_template(...))`, `apply_chat_template(tokenize=True)`
-    and TRL's collator then give the same ids."""
+    The tokenizer's automatic BOS is turned off: the chat templates write every special token (see above)."""
 
     def __init__(self, image_processor=None, tokenizer=None, patch_size: int = 14, chat_template=None,
                  image_token: str = "<image>", num_additional_image_tokens: int = 1, **kwargs):
         if getattr(tokenizer, "add_bos_token", False):
             tokenizer.add_bos_token = False
-        super().__init__(
-            image_processor,
-            tokenizer,
-            patch_size=patch_size,
-            # CLIP prepends a CLS token (1), which the model drops ("default"); SigLIP has none (0): every token is
-            # a patch feature ("full")
-            vision_feature_select_strategy="default" if num_additional_image_tokens else "full",
-            chat_template=chat_template if chat_template is not None else CHAT_TEMPLATE,
-            image_token=image_token,
-            num_additional_image_tokens=num_additional_image_tokens,
-            **kwargs,
-        )
+        # CLIP prepends a CLS token (1), which the model drops ("default"); SigLIP has none (0): every token is a
+        # patch feature ("full")
+        strategy = "default" if num_additional_image_tokens else "full"
+        super().__init__(image_processor, tokenizer, patch_size=patch_size, vision_feature_select_strategy=strategy,
+                         chat_template=chat_template if chat_template is not None else CHAT_TEMPLATE,
+                         image_token=image_token, num_additional_image_tokens=num_additional_image_tokens, **kwargs)
 
     def __call__(self, images=None, text=None, videos=None, audio=None, **kwargs):
         """Generic harnesses (lmms-eval's `huggingface` model) pass every modality, empty ones included
@@ -154,9 +136,8 @@ class CuMoProcessor(LlavaProcessor):
         return images, text, videos, audio
 
     def _adjust_assistant_masks_indices(self, processed_dict, generation_indices):
-        # transformers walks the offsets token by token; as a tensor (return_tensors="pt", which TRL's collator
-        # asks for) every step is a tensor op, a noticeable part of a small training step; as lists it is cheap.
-        # (Only transformers 5.23+ calls this method; older versions compute the masks inline and never reach it.)
+        # transformers (5.23+; older versions never call this) walks the offsets token by token: as a tensor (TRL's
+        # collator asks for "pt") every step is a tensor op, a noticeable part of a small training step; lists are cheap
         offsets = processed_dict.get("offset_mapping")
         if hasattr(offsets, "tolist"):
             processed_dict["offset_mapping"] = offsets.tolist()
