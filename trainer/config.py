@@ -58,6 +58,5 @@ class CuMoSFTConfig(SFTConfig):
         if self.bf16 is None:
             self.bf16 = not self.use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         if self.ddp_find_unused_parameters is None:
-            # A batch without images leaves the vision tower unused; the parameters no loss can reach are frozen
             self.ddp_find_unused_parameters = True
         super().__post_init__()

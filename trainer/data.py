@@ -1,5 +1,4 @@
-"""Training data: the original project's LLaVA-style JSON as a TRL `messages` + `images` dataset, and the collator
-that loads images lazily, reports unreadable ones by sample id, and keeps image tokens out of the labels."""
+"""Training data: the original project's LLaVA-style JSON as a TRL `messages` + `images` dataset, and its collator."""
 
 import json
 import logging
@@ -129,11 +128,7 @@ class CuMoDataCollator(DataCollatorForVisionLanguageModeling):
 
     def _load_images(self, example: dict[str, Any]) -> dict[str, Any] | None:
         example = dict(example)
-        key = "images" if "images" in example else "image" if "image" in example else None
-        if key is None:
-            example["images"] = []
-            return example
-        images = example.pop(key)
+        images = example.pop("images") if "images" in example else example.pop("image", None)
         images = [] if images is None else images if isinstance(images, list) else [images]
         try:
             example["images"] = [to_rgb_image(PIL.Image.open(image) if isinstance(image, str) else image)

@@ -29,11 +29,10 @@ def cumo_model(model) -> CuMoForConditionalGeneration:
     """The CuMo model itself, also under a PEFT wrapper; anything else is refused with what to do instead."""
     model = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not isinstance(model, CuMoForConditionalGeneration):
-        raise TypeError(
-            f"CuMoSFTTrainer trains this package's CuMoForConditionalGeneration, got {type(model).__module__}."
-            f"{type(model).__name__}. Load checkpoints with CuMoForConditionalGeneration.from_pretrained(folder) or "
-            "the Auto classes without trust_remote_code (importing modeling_cumo registers them)."
-        )
+        raise TypeError(f"CuMoSFTTrainer trains this package's CuMoForConditionalGeneration, got "
+                        f"{type(model).__module__}.{type(model).__name__}. Load checkpoints with "
+                        "CuMoForConditionalGeneration.from_pretrained(folder) or the Auto classes without "
+                        "trust_remote_code (importing modeling_cumo registers them).")
     return model
 
 
@@ -54,18 +53,15 @@ def prepare_stage(model, args: CuMoSFTConfig) -> None:
     config = model.config
     is_moe = config.vision_is_moe or config.projector_is_moe
     if args.stage in ("pt", "pft") and is_moe:
-        raise ValueError(
-            f"Stage {args.stage!r} trains a dense CuMo (the paper co-upcycles in 'vit'); this model already has MoE "
-            "blocks. Use stage 'vit' to fine-tune an MoE CuMo."
-        )
+        raise ValueError(f"Stage {args.stage!r} trains a dense CuMo (the paper co-upcycles in 'vit'); this model "
+                         "already has MoE blocks. Use stage 'vit' to fine-tune an MoE CuMo.")
     if args.stage == "pt":
         model.requires_grad_(False)
         model.model.multi_modal_projector.requires_grad_(True)
     elif args.stage == "vit" and (args.upcycle_vision or args.upcycle_projector) and not is_moe:
         set_seed(args.seed)  # the fresh routers are drawn here, before the Trainer seeds: the run's seed decides them
-        model.upcycle(num_experts=args.upcycle_num_experts, num_experts_per_tok=args.upcycle_num_experts_per_tok,
-                      vision=args.upcycle_vision, projector=args.upcycle_projector,
-                      experts_init=args.upcycle_experts_init)
+        model.upcycle(args.upcycle_num_experts, args.upcycle_num_experts_per_tok, vision=args.upcycle_vision,
+                      projector=args.upcycle_projector, experts_init=args.upcycle_experts_init)
         logger.info("Upcycled the dense blocks into top-%d-of-%d MoE blocks (experts: %s).",
                     args.upcycle_num_experts_per_tok, args.upcycle_num_experts, args.upcycle_experts_init)
     for name in ("balance_loss_coef", "router_z_loss_coef"):
@@ -82,8 +78,7 @@ class CuMoSFTTrainer(SFTTrainer):
 
     `model` may be a CuMo model or a path / Hub id (loaded with this package's classes). Datasets are TRL's `messages` +
     `images` format, or `trainer.data.load_llava_json(...)`. The bzloss terms are logged under the model's output
-    names (`vision_balance_loss`, `projector_router_z_loss`, ...).
-    """
+    names (`vision_balance_loss`, `projector_router_z_loss`, ...)."""
 
     def __init__(self, model, args: CuMoSFTConfig, train_dataset=None, eval_dataset=None, processing_class=None,
                  data_collator=None, **kwargs):
@@ -95,13 +90,9 @@ class CuMoSFTTrainer(SFTTrainer):
         prepare_stage(model, args)
         if data_collator is None and processing_class is not None:
             data_collator = CuMoDataCollator(
-                processor=processing_class,
-                max_length=args.max_length,
-                pad_to_multiple_of=args.pad_to_multiple_of,
-                assistant_only_loss=args.assistant_only_loss,
-                chat_template=PLAIN_CHAT_TEMPLATE if args.stage == "pt" else None,
-                image_token_id=model.config.image_token_id,
-                on_bad_image=args.on_bad_image,
+                processor=processing_class, max_length=args.max_length, pad_to_multiple_of=args.pad_to_multiple_of,
+                assistant_only_loss=args.assistant_only_loss, image_token_id=model.config.image_token_id,
+                chat_template=PLAIN_CHAT_TEMPLATE if args.stage == "pt" else None, on_bad_image=args.on_bad_image,
             )
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, data_collator=data_collator, **kwargs)

@@ -92,22 +92,18 @@ def main(argv=None):
     # This package's classes, whatever remote-code copy the folder holds (saving writes fresh copies)
     model = CuMoForConditionalGeneration.from_pretrained(
         model_args.model_name_or_path, revision=model_args.model_revision, dtype=model_args.dtype or "auto",
-        attn_implementation=model_args.attn_implementation,
-    )
+        attn_implementation=model_args.attn_implementation)
     processor = CuMoProcessor.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
     peft_config = get_peft_config(model_args)
     if peft_config is not None:
         # LoRA on the language model; the projector (and the vision tower after pre-training) train in full
         peft_config.target_modules = peft_config.target_modules or LORA_TARGETS
-        peft_config.modules_to_save = peft_config.modules_to_save or (
-            ["multi_modal_projector"] if training_args.stage == "pt" else ["multi_modal_projector", "vision_tower"]
-        )
+        full = ["multi_modal_projector"] if training_args.stage == "pt" else ["multi_modal_projector", "vision_tower"]
+        peft_config.modules_to_save = peft_config.modules_to_save or full
     train = load_data(data_args.data_path, data_args.image_folder, data_args.dataset_split, training_args.on_bad_image,
                       data_args.require_answers)
-    evaluation = None
-    if data_args.eval_data_path:
-        evaluation = load_data(data_args.eval_data_path, data_args.image_folder, data_args.dataset_split,
-                               training_args.on_bad_image)
+    evaluation = load_data(data_args.eval_data_path, data_args.image_folder, data_args.dataset_split,
+                           training_args.on_bad_image) if data_args.eval_data_path else None
     trainer = CuMoSFTTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=evaluation,
                              processing_class=processor, peft_config=peft_config)
     trainer.train(resume_from_checkpoint=resume)
