@@ -240,3 +240,63 @@ def test_ablations_run_all_four_variants_and_keep_only_numbers(tmp_path):
     assert json.loads((tmp_path / "ablations.json").read_text())["variants"].keys() == results.keys()
     assert (tmp_path / "ablations.md").read_text().count("\n|") == len(VARIANTS) + 1
     assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["clip", "data", "init", "llm", "pft", "pt", "tokenizer"]
+
+
+def test_patch_objects_name_the_object_in_each_patch_s_quadrant():
+    objects = world.object_texts()
+    assert len(objects) == len(set(objects)) == 2 * len(world.COLOURS) * len(world.SHAPES)
+    shapes = [world.Shape("red", "circle", True, 0), world.Shape("blue", "triangle", False, 3)]
+    patches = world.patch_objects(world.caption(shapes), objects, 16)  # a 4x4 grid: 2x2 patches per quadrant
+    red, blue = objects.index("A large red circle."), objects.index("A small blue triangle.")
+    assert patches == [red, red, -1, -1, red, red, -1, -1, -1, -1, blue, blue, -1, -1, blue, blue]
+    for crop, text in world.region_crops(world.example_image(), list(world.EXAMPLE_SCENE[1])):
+        assert world.patch_objects(text, objects, 4) == [objects.index(text)] * 4
+
+
+def test_clip_standin_patch_loss_trains_the_feature_layer_cumo_reads():
+    from transformers import CLIPConfig, CLIPModel
+
+    model = CLIPModel(CLIPConfig(
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
+                           image_size=16, patch_size=8),
+        text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         vocab_size=20, max_position_embeddings=8),
+        projection_dim=8))
+    pixels = torch.randn(2, 3, 16, 16)
+    text = {"input_ids": torch.tensor([[3, 4, 2], [5, 6, 2]]), "attention_mask": torch.ones(2, 3, dtype=torch.long)}
+    patches = model.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+    targets = torch.tensor([[0, 1, -1, -1], [-1, -1, -1, -1]])
+    loss = standins.patch_loss(model, patches, targets, text)
+    loss.backward()
+    assert torch.isfinite(loss) and loss > 0
+    layers = model.vision_model.encoder.layers
+    assert layers[0].mlp.fc1.weight.grad.abs().sum() > 0 and layers[-1].mlp.fc1.weight.grad is None  # layer -2's tokens
+    # only the labelled patches count: changing an unlabelled one leaves the loss as it is
+    changed = patches.detach().clone()
+    changed[:, 2:] += 1
+    assert torch.allclose(standins.patch_loss(model, changed, targets, text), loss)
+
+
+def test_demo_records_the_machine_and_versions_that_gave_its_figures():
+    from trainer.demo.evaluate import environment
+
+    machine = environment()
+    assert machine["cpu"] and machine["torch_threads"] == torch.get_num_threads() >= 1
+    assert machine["torch"] == torch.__version__ and machine["transformers"] and machine["trl"]
+
+
+def test_demo_seeds_summary_gives_each_figure_s_mean_and_range():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from demo_seeds import figures, spread, table
+
+    def metrics(vqa, shape):
+        return {"vqa_accuracy": vqa, "description_exact_match": 0.9, "minutes": 14.0,
+                "accuracy_per_type": {"colour": 0.9, "shape": shape, "count": 1.0, "position": 0.8, "exists": 0.9}}
+
+    runs = [{"seed": seed, **figures(metrics(vqa, shape))} for seed, vqa, shape in ((0, 0.93, 0.99), (1, 0.90, 0.9))]
+    summary = spread(runs)
+    assert summary["vqa_accuracy"]["min"] == 0.90 and summary["vqa_accuracy"]["max"] == 0.93
+    assert abs(summary["vqa_accuracy"]["mean"] - 0.915) < 1e-9 and summary["shape"]["min"] == 0.9
+    assert "| mean (min-max) | 0.915 (0.9-0.93) |" in table(runs, summary)

@@ -2,6 +2,7 @@
 load per MoE layer (each expert's share of the top-k routing slots, as the paper's Figure 4 plots it)."""
 
 import json
+import platform
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -116,3 +117,19 @@ def plot_expert_load(load: dict[str, list[float]], path: Path, title: str) -> No
 
 def write_metrics(path: Path, metrics: dict) -> None:
     path.write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+def environment() -> dict:
+    """What gave the figures: the CPU, the threads torch used, the Python and library versions (two runs of the same
+    seed compare only where these agree; float sums differ between CPUs and thread counts)."""
+    import transformers
+    import trl
+
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                    if line.startswith("model name")), cpu)
+    return {"cpu": cpu, "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
+            "platform": platform.platform()}

@@ -83,8 +83,10 @@ def build_until_vit(work: Path, budget: Budget, seed: int, laps: Laps) -> Path:
     tokenizer = standins.train_tokenizer(texts, work / "tokenizer")
     pairs = [(row["image"], row["conversations"][1]["value"]) for row in json.loads((data / "train_captions.json").read_text())]
     pairs += [(row["image"], row["caption"]) for row in json.loads((data / "train_regions.json").read_text())]
+    objects = world.object_texts()
+    patches = [world.patch_objects(text, objects, (IMAGE_SIZE // PATCH_SIZE) ** 2) for _, text in pairs]
     standins.train_clip([data / image for image, _ in pairs], [text for _, text in pairs], tokenizer, work / "clip",
-                        IMAGE_SIZE, PATCH_SIZE, budget.clip_steps, seed=seed)
+                        IMAGE_SIZE, PATCH_SIZE, budget.clip_steps, seed=seed, patch_objects=patches, objects=objects)
     laps("clip stand-in")
     # The LLM stand-in learns the world's chats on scenes given in words, one token per image patch, before it sees an
     # image: the form the projector then learns to give real images (docs/demo_experiments.md compares the choices)
@@ -130,6 +132,9 @@ def build_demo(output: Path, budget: Budget, seed: int = 0, log=print) -> dict:
     """The whole demo: writes output/model, output/metrics.json and output/expert_load.png; returns the metrics."""
     output.mkdir(parents=True, exist_ok=True)
     work = output / "work"
+    machine = evaluate.environment()
+    log(f"[cumo-demo] seed {seed} on {machine['cpu']} ({machine['torch_threads']} threads), torch {machine['torch']}, "
+        f"transformers {machine['transformers']}, trl {machine['trl']}")
     laps = Laps(log)
     data = build_until_vit(work, budget, seed, laps)
     train_vit(work, data, work / "vit", budget, seed)
@@ -144,8 +149,8 @@ def build_demo(output: Path, budget: Budget, seed: int = 0, log=print) -> dict:
     for example in metrics["space_examples"]:
         log(f"[cumo-demo] Space example {example['question']!r}: {example['answer']!r} "
             + ("(right)" if example["right"] else f"(WRONG, the world says {example['expected']!r})"))
-    metrics.update(seconds=laps.seconds, budget=budget.__dict__, scales=list(SCALES),
-                   torch_threads=torch.get_num_threads())
+    metrics.update(seed=seed, seconds=laps.seconds, minutes=round(sum(laps.seconds.values()) / 60, 1),
+                   budget=budget.__dict__, scales=list(SCALES), environment=evaluate.environment())
     evaluate.write_metrics(output / "metrics.json", metrics)
     evaluate.plot_expert_load(metrics["expert_load"], output / "expert_load.png",
                               f"Expert load on the held-out split (VQA accuracy {metrics['vqa_accuracy']:.2f})")

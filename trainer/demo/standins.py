@@ -40,7 +40,11 @@ def _fit(model, loss_of, count: int, steps: int, batch_size: int, lr: float, see
 
 
 def train_clip(images: list[Path], captions: list[str], tokenizer, folder: Path, image_size: int, patch_size: int,
-               steps: int, batch_size: int = 64, lr: float = 1e-3, seed: int = 0) -> CLIPModel:
+               steps: int, batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
+               patch_objects: list[list[int]] | None = None, objects: list[str] = ()) -> CLIPModel:
+    """Contrastive image-caption training; with `patch_objects` (per image, per patch, an index into `objects`, the
+    texts of the world's objects, or -1 for none), also a dense loss that makes each patch token of the feature layer
+    (-2, the one CuMo reads) match the text of the object it shows."""
     torch.manual_seed(seed)
     config = CLIPConfig(
         vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
@@ -56,15 +60,35 @@ def train_clip(images: list[Path], captions: list[str], tokenizer, folder: Path,
     torch.nn.init.normal_(model.vision_model.embeddings.position_embedding.weight, std=1.0)
     pixels = make_image_processor(image_size)([Image.open(p) for p in images], return_tensors="pt")["pixel_values"]
     text = tokenizer([c + tokenizer.eos_token for c in captions], padding=True, padding_side="right", return_tensors="pt")
+    if patch_objects is not None:
+        targets = torch.tensor(patch_objects)
+        object_text = tokenizer([o + tokenizer.eos_token for o in objects], padding=True, padding_side="right",
+                                return_tensors="pt")
 
     def loss_of(index):
-        return model(input_ids=text["input_ids"][index], attention_mask=text["attention_mask"][index],
-                     pixel_values=pixels[index], return_loss=True).loss
+        output = model(input_ids=text["input_ids"][index], attention_mask=text["attention_mask"][index],
+                       pixel_values=pixels[index], return_loss=True, output_hidden_states=patch_objects is not None)
+        if patch_objects is None:
+            return output.loss
+        return output.loss + patch_loss(model, output.vision_model_output.hidden_states[-2][:, 1:], targets[index],
+                                        object_text)
 
     _fit(model, loss_of, len(images), steps, batch_size, lr, seed, "CLIP stand-in")
     model.save_pretrained(folder)
     make_image_processor(image_size).save_pretrained(folder)
     return model
+
+
+def patch_loss(model: CLIPModel, patches: torch.Tensor, targets: torch.Tensor, object_text: dict) -> torch.Tensor:
+    """Cross-entropy of each patch token (projected as CLIP projects its image embedding) over the objects' texts:
+    a real CLIP's patch tokens say what lies under them, which LLaVA-style models rely on; a small stand-in trained
+    on whole images learns it in its pooled token and much less in its patch tokens (docs/demo_experiments.md has the
+    probes)."""
+    texts = model.get_text_features(**object_text).pooler_output
+    tokens = model.visual_projection(model.vision_model.post_layernorm(patches))
+    logits = torch.nn.functional.normalize(tokens, dim=-1) @ torch.nn.functional.normalize(texts, dim=-1).T
+    return torch.nn.functional.cross_entropy((logits * model.logit_scale.exp()).flatten(0, 1), targets.flatten(),
+                                             ignore_index=-1)
 
 
 LLM_BATCH_SIZE = 32
@@ -73,10 +97,11 @@ LLM_BATCH_SIZE = 32
 def train_llm(scenes: "SceneBatches", tokenizer, folder: Path, steps: int, batch_size: int = LLM_BATCH_SIZE,
               lr: float = 5e-3, seed: int = 0) -> MistralForCausalLM:
     torch.manual_seed(seed)
-    # 8 heads of 16 and initializer_range 0.1: tiny transformers learn lookups faster than with the defaults;
-    # rope_theta 1e6 as Mistral-7B-v0.2
+    # 8 heads and initializer_range 0.1: tiny transformers learn lookups faster than with the defaults; heads of 32,
+    # the smallest vLLM's CPU attention serves; rope_theta 1e6 as Mistral-7B-v0.2
     config = MistralConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=8,
-                           num_key_value_heads=4, initializer_range=0.1, rope_theta=1e6, vocab_size=len(tokenizer),
+                           num_key_value_heads=4, head_dim=32, initializer_range=0.1, rope_theta=1e6,
+                           vocab_size=len(tokenizer),
                            max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                            tie_word_embeddings=False)

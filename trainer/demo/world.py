@@ -91,6 +91,21 @@ def region_crops(image: Image.Image, shapes: list[Shape]) -> list[tuple[Image.Im
     return crops
 
 
+def object_texts() -> list[str]:
+    """The text of every object the world draws, as `region_crops` captions it."""
+    return [f"A {Shape(colour, shape, large, 0).words()}." for large in (True, False) for colour in COLOURS
+            for shape in SHAPES]
+
+
+def patch_objects(text: str, objects: list[str], tokens: int) -> list[int]:
+    """For each patch of a square grid, the index in `objects` of the object it shows, -1 where none: from a whole
+    image's caption, the object in the patch's quadrant; from a region crop's caption, its one object everywhere."""
+    if text in objects:
+        return [objects.index(text)] * tokens
+    by_quadrant = {shape.quadrant: objects.index(f"A {shape.words()}.") for shape in parse_caption(text)}
+    return [by_quadrant.get(quadrant, -1) for quadrant in token_quadrants(tokens)]
+
+
 def caption(shapes: list[Shape]) -> str:
     parts = [f"a {s.words()} in the {QUADRANTS[s.quadrant]}" for s in shapes]
     text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
