@@ -301,17 +301,3 @@ def test_demo_seeds_summary_gives_each_figure_s_mean_and_range():
     assert abs(summary["vqa_accuracy"]["mean"] - 0.915) < 1e-9 and summary["shape"]["min"] == 0.9
     assert "| mean (min-max) | 0.915 (0.9-0.93) |" in table(runs, summary)
 
-
-def test_random_batches_grouped_by_length_pad_less_and_draw_the_same_way():
-    lengths = torch.randint(20, 200, (1000,), generator=torch.Generator().manual_seed(0))
-    plain = list(standins.random_batches(1000, 20, 32, seed=1))
-    grouped = list(standins.random_batches(1000, 20, 32, seed=1, lengths=lengths))
-    assert len(plain) == len(grouped) == 20 and all(len(batch) == 32 for batch in plain + grouped)
-    # the same draws, regrouped: every group of 8 batches holds the same samples
-    for start in range(0, 20, 8):
-        assert sorted(torch.cat(plain[start:start + 8]).tolist()) == sorted(torch.cat(grouped[start:start + 8]).tolist())
-
-    def padding(batches):
-        return sum((lengths[b].max() - lengths[b]).sum().item() for b in batches)
-
-    assert padding(grouped) < padding(plain) / 3

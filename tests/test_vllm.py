@@ -383,3 +383,37 @@ def test_http_server_answers_image_url_chats_as_generate(served, tmp_path):
     _assert_same(batch, model["answers"], "HTTP server, 8 concurrent chats")
     processor = tiny_processor()
     assert batch[1]["text"] == processor.decode(model["answers"][1]["ids"], skip_special_tokens=True)
+
+
+@needs_vllm
+def test_demo_model_is_served_as_generate_answers(tmp_path):
+    """The demo's model (its CLIP and Mistral stand-ins, its own BPE tokenizer, MoE after upcycling)
+    is served by vLLM with the answers `generate()` gives, on the Space's example and held-out questions."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from trainer.demo import world
+    from trainer.demo.pipeline import Budget, build_demo
+
+    budget = Budget(train_images=60, heldout_images=8, clip_steps=5, llm_steps=20, pt_steps=2, pft_steps=2, vit_steps=5)
+    build_demo(tmp_path / "demo", budget, seed=0, log=lambda *args: None)
+    folder, data = tmp_path / "demo" / "model", tmp_path / "demo" / "work" / "data"
+    world.example_image().save(tmp_path / "example.png")
+    asked = [(tmp_path / "example.png", question) for question, _ in world.example_chats()]
+    asked += [(data / row["image"], row["question"]) for row in json.loads((data / "heldout_vqa.json").read_text())[:5]]
+    chats = [[{"role": "user", "content": [{"type": "image", "path": str(path)}, {"type": "text", "text": question}]}]
+             for path, question in asked]
+    model, processor = AutoModelForImageTextToText.from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder)
+    assert model.config.text_config.head_dim >= 32  # the smallest head vLLM's CPU attention takes
+    expected = reference_answers(model, processor, chats)
+    assert min(answer["margin"] for answer in expected) > 1e-4, "a near-tie in the references"
+
+    script, out = tmp_path / "llm_worker.py", tmp_path / "results.json"
+    script.write_text(LLM_WORKER)
+    prompt = processor.apply_chat_template(_for_transformers(chats[0]), add_generation_prompt=True)
+    args = [str(folder), chats, prompt, MAX_NEW_TOKENS, HF_OVERRIDES, str(out)]
+    run = subprocess.run([_vllm_python(), str(script), json.dumps(args)], cwd=tmp_path, env=_vllm_env(tmp_path),
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-6000:]
+    results = json.loads(out.read_text())
+    _assert_same(results["single"], expected[:1], "demo model, LLM.chat, one chat")
+    _assert_same(results["batch"], expected, "demo model, LLM.chat, 8 chats at once")

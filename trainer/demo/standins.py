@@ -23,34 +23,20 @@ def train_tokenizer(texts: list[str], folder: Path) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def _fit(model, loss_of, count: int, steps: int, batch_size: int, lr: float, seed: int, desc: str,
-         lengths: torch.Tensor | None = None) -> None:
+def _fit(model, loss_of, count: int, steps: int, batch_size: int, lr: float, seed: int, desc: str) -> None:
     """AdamW with a one-cycle schedule over `steps` random batches; `loss_of(indices)` gives a batch's loss."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    generator = torch.Generator().manual_seed(seed)
     model.train()
-    progress = tqdm(random_batches(count, steps, batch_size, seed, lengths), total=steps, desc=desc)
-    for index in progress:
-        loss = loss_of(index)
+    progress = tqdm(range(steps), desc=desc)
+    for _ in progress:
+        loss = loss_of(torch.randint(0, count, (batch_size,), generator=generator))
         loss.backward()
         optimizer.step()
         schedule.step()
         optimizer.zero_grad()
         progress.set_postfix(loss=f"{loss.item():.3f}")
-
-
-def random_batches(count: int, steps: int, batch_size: int, seed: int, lengths: torch.Tensor | None = None,
-                   group: int = 8):
-    """`steps` batches of indices drawn at random from `count`; with the samples' `lengths`, each `group` batches are
-    drawn together and split by length (as transformers' LengthGroupedSampler does), so that a batch pads little."""
-    generator = torch.Generator().manual_seed(seed)
-    for start in range(0, steps, group):
-        drawn = min(group, steps - start)
-        index = torch.randint(0, count, (drawn * batch_size,), generator=generator)
-        if lengths is not None:
-            index = index[lengths[index].argsort(stable=True)]
-        batches = index.split(batch_size)
-        yield from (batches[i] for i in torch.randperm(drawn, generator=generator))
 
 
 def train_clip(images: list[Path], captions: list[str], tokenizer, folder: Path, image_size: int, patch_size: int,
@@ -111,11 +97,11 @@ LLM_BATCH_SIZE = 32
 def train_llm(scenes: "SceneBatches", tokenizer, folder: Path, steps: int, batch_size: int = LLM_BATCH_SIZE,
               lr: float = 5e-3, seed: int = 0) -> MistralForCausalLM:
     torch.manual_seed(seed)
-    # 8 heads of 16 and initializer_range 0.1: tiny transformers learn lookups faster than with the defaults;
-    # rope_theta 1e6 as Mistral-7B-v0.2. (Heads of 32, which vLLM's CPU attention needs, cost a demo run 30% more
-    # time and 4 heads of 32 learn the lookup more slowly: docs/demo_experiments.md.)
+    # 8 heads and initializer_range 0.1: tiny transformers learn lookups faster than with the defaults; heads of 32,
+    # the smallest vLLM's CPU attention serves; rope_theta 1e6 as Mistral-7B-v0.2
     config = MistralConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=8,
-                           num_key_value_heads=4, initializer_range=0.1, rope_theta=1e6, vocab_size=len(tokenizer),
+                           num_key_value_heads=4, head_dim=32, initializer_range=0.1, rope_theta=1e6,
+                           vocab_size=len(tokenizer),
                            max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                            tie_word_embeddings=False)
@@ -125,7 +111,7 @@ def train_llm(scenes: "SceneBatches", tokenizer, folder: Path, steps: int, batch
     def loss_of(index):
         return model(**scenes.batch(index, model.get_input_embeddings())).loss
 
-    _fit(model, loss_of, len(scenes), steps, batch_size, lr, seed, "LLM stand-in", scenes.lengths)
+    _fit(model, loss_of, len(scenes), steps, batch_size, lr, seed, "LLM stand-in")
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return model
@@ -170,11 +156,6 @@ class SceneBatches:
 
     def __len__(self) -> int:
         return len(self.rows)
-
-    @property
-    def lengths(self) -> torch.Tensor:
-        """Each chat's length in the model's input, its image as one token per patch."""
-        return torch.tensor([len(ids) - 1 + len(scene) for ids, _, scene, _ in self.rows])
 
     def batch(self, index: torch.Tensor, embeddings: torch.nn.Embedding) -> dict[str, torch.Tensor]:
         rows, labels = [], []
