@@ -1,7 +1,7 @@
 """The demo over several worlds: `cumo-demo` once per seed (and per repeat), one run at a time so that each has the
 machine to itself, as a user runs it; writes every run's figures and their spread.
 
-    python benchmarks/demo_seeds.py                          # seeds 0 1 2, the full budget (about 45 minutes)
+    python benchmarks/demo_seeds.py                          # seeds 0 1 2, the full budget (about an hour on 2 cores)
     python benchmarks/demo_seeds.py --seeds 0 1 2 --repeats 2
     python benchmarks/demo_seeds.py --quick --seeds 0        # a reduced run, to try the script
 
@@ -42,7 +42,7 @@ def table(runs: list[dict], summary: dict) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="worlds to build (cumo-demo --seed)")
-    parser.add_argument("--repeats", type=int, default=1, help="runs per seed (identical on one machine and thread count)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per seed")
     parser.add_argument("--output", type=Path, default=Path("demo-seeds"), help="folder for each run's demo folder")
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "demo_seeds.json",
                         help="where to write the runs' figures and their spread")

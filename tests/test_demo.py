@@ -301,3 +301,25 @@ def test_demo_seeds_summary_gives_each_figure_s_mean_and_range():
     assert abs(summary["vqa_accuracy"]["mean"] - 0.915) < 1e-9 and summary["shape"]["min"] == 0.9
     assert "| mean (min-max) | 0.915 (0.9-0.93) |" in table(runs, summary)
 
+
+
+def test_clip_standin_trains_its_patch_tokens_with_the_patch_loss(tmp_path, monkeypatch):
+    world.write_split(tmp_path, "train", 4, world.IMAGE_SIZE, seed=0)
+    tokenizer = standins.train_tokenizer(world.corpus(tmp_path, "train"), tmp_path / "tokenizer")
+    rows = json.loads((tmp_path / "train_captions.json").read_text())
+    captions = [row["conversations"][1]["value"] for row in rows]
+    objects, grid = world.object_texts(), (world.IMAGE_SIZE // 8) ** 2
+    seen, patch_loss = [], standins.patch_loss
+
+    def recording(model, patches, targets, object_text):
+        seen.append((patches.shape, targets.clone()))
+        return patch_loss(model, patches, targets, object_text)
+
+    monkeypatch.setattr(standins, "patch_loss", recording)
+    patches = [world.patch_objects(text, objects, grid) for text in captions]
+    standins.train_clip([tmp_path / row["image"] for row in rows], captions, tokenizer, tmp_path / "clip",
+                        world.IMAGE_SIZE, 8, steps=2, batch_size=4, patch_objects=patches, objects=objects)
+    assert len(seen) == 2  # every step: the patch tokens (CLS left out) of each image, with their objects
+    for shape, targets in seen:
+        assert shape[:2] == (4, grid) and targets.shape == (4, grid)
+        assert all(row in patches for row in targets.tolist())

@@ -150,7 +150,7 @@ def build_demo(output: Path, budget: Budget, seed: int = 0, log=print) -> dict:
         log(f"[cumo-demo] Space example {example['question']!r}: {example['answer']!r} "
             + ("(right)" if example["right"] else f"(WRONG, the world says {example['expected']!r})"))
     metrics.update(seed=seed, seconds=laps.seconds, minutes=round(sum(laps.seconds.values()) / 60, 1),
-                   budget=budget.__dict__, scales=list(SCALES), environment=evaluate.environment())
+                   budget=budget.__dict__, scales=list(SCALES), environment=machine)
     evaluate.write_metrics(output / "metrics.json", metrics)
     evaluate.plot_expert_load(metrics["expert_load"], output / "expert_load.png",
                               f"Expert load on the held-out split (VQA accuracy {metrics['vqa_accuracy']:.2f})")
