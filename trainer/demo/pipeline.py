@@ -26,13 +26,13 @@ class Budget:
     vit_steps: int
 
 
-# The full budget takes about 20 minutes on 2 CPU cores; docs/demo_experiments.md has what each step count
+# The full budget takes about 14 minutes on 2 CPU cores; docs/demo_experiments.md has what each step count
 # buys (the LLM stand-in needs enough steps on scenes for its lookup to form).
-FULL = Budget(train_images=3000, heldout_images=200, clip_steps=800, llm_steps=700, pt_steps=150, pft_steps=300,
+FULL = Budget(train_images=3000, heldout_images=200, clip_steps=800, llm_steps=1000, pt_steps=150, pft_steps=300,
               vit_steps=1200)
 QUICK = Budget(train_images=800, heldout_images=60, clip_steps=200, llm_steps=150, pt_steps=60, pft_steps=60,
                vit_steps=200)
-IMAGE_SIZE, PATCH_SIZE = world.IMAGE_SIZE, 8
+IMAGE_SIZE, PATCH_SIZE = world.IMAGE_SIZE, 16
 SCALES = (1, 2)
 LEARNING_RATES = {"pt": 1e-3, "pft": 5e-4, "vit": 1e-3}
 
