@@ -4,6 +4,7 @@ import json
 import random
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
 
@@ -323,3 +324,23 @@ def test_clip_standin_trains_its_patch_tokens_with_the_patch_loss(tmp_path, monk
     for shape, targets in seen:
         assert shape[:2] == (4, grid) and targets.shape == (4, grid)
         assert all(row in patches for row in targets.tolist())
+
+
+def test_patch_size_option_reaches_every_stage_and_rejects_sizes_that_do_not_tile_quadrants(tmp_path):
+    import argparse
+
+    from trainer.demo import pipeline
+
+    parser = argparse.ArgumentParser()
+    pipeline.add_budget_arguments(parser)
+    assert pipeline.budget_from_args(parser.parse_args([])).patch_size == 8
+    budget = pipeline.budget_from_args(parser.parse_args(["--quick", "--patch-size", "16"]))
+    assert budget.patch_size == 16 and budget.vit_steps == pipeline.QUICK.vit_steps
+    for bad in ("12", "64", "-8"):
+        with pytest.raises(SystemExit, match="tile each quadrant"):
+            pipeline.budget_from_args(parser.parse_args(["--patch-size", bad]))
+    tiny = Budget(train_images=8, heldout_images=4, clip_steps=1, llm_steps=1, pt_steps=1, pft_steps=1, vit_steps=1,
+                  patch_size=16)
+    pipeline.build_until_vit(tmp_path, tiny, seed=0, laps=pipeline.Laps(log=lambda _: None))
+    saved = json.loads((tmp_path / "pft" / "config.json").read_text())
+    assert saved["vision_config"]["patch_size"] == 16 and saved["vision_config"]["image_size"] == world.IMAGE_SIZE

@@ -24,16 +24,20 @@ class Budget:
     pt_steps: int
     pft_steps: int
     vit_steps: int
+    patch_size: int = 8  # CLIP stand-in patch side in pixels: 8 gives 64 image tokens, 16 gives 16 (faster, less robust)
 
 
-# The full budget takes about 14 minutes on 2 CPU cores; docs/demo_experiments.md has what each step count
+# The full budget takes about 20 minutes on 2 CPU cores; docs/demo_experiments.md has what each step count
 # buys (the LLM stand-in needs enough steps on scenes for its lookup to form).
 FULL = Budget(train_images=3000, heldout_images=200, clip_steps=800, llm_steps=700, pt_steps=150, pft_steps=300,
               vit_steps=1200)
 QUICK = Budget(train_images=800, heldout_images=60, clip_steps=200, llm_steps=150, pt_steps=60, pft_steps=60,
                vit_steps=200)
-IMAGE_SIZE, PATCH_SIZE = world.IMAGE_SIZE, 16
+IMAGE_SIZE = world.IMAGE_SIZE
 SCALES = (1, 2)
+PATCH_SIZE_HELP = (": the CLIP stand-in's patch side in pixels; 16 gives 16 image tokens instead of 64 and a run of "
+                   "about 14 minutes instead of 21 on 2 cores, but held-out VQA 0.87-0.99 over seeds 0-2 instead of "
+                   "0.92-0.97 (docs/demo_experiments.md)")
 LEARNING_RATES = {"pt": 1e-3, "pft": 5e-4, "vit": 1e-3}
 
 
@@ -42,12 +46,17 @@ def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     for name in Budget.__dataclass_fields__:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
-                            help=f"override the budget's {name} (full {getattr(FULL, name)}, quick {getattr(QUICK, name)})")
+                            help=f"override the budget's {name} (full {getattr(FULL, name)}, quick {getattr(QUICK, name)})"
+                            + PATCH_SIZE_HELP * (name == "patch_size"))
 
 
 def budget_from_args(args: argparse.Namespace) -> Budget:
     budget = QUICK if args.quick else FULL
-    return Budget(**{name: getattr(args, name) or getattr(budget, name) for name in Budget.__dataclass_fields__})
+    budget = Budget(**{name: getattr(args, name) or getattr(budget, name) for name in Budget.__dataclass_fields__})
+    if budget.patch_size <= 0 or IMAGE_SIZE % (2 * budget.patch_size):
+        raise SystemExit(f"--patch-size {budget.patch_size}: the patches must tile each quadrant of the {IMAGE_SIZE}-pixel "
+                         f"images (2, 4, 8, 16 or 32).")
+    return budget
 
 
 def stage_args(stage: str, model: Path, data: Path, output: Path, steps: int, seed: int) -> list[str]:
@@ -84,14 +93,14 @@ def build_until_vit(work: Path, budget: Budget, seed: int, laps: Laps) -> Path:
     pairs = [(row["image"], row["conversations"][1]["value"]) for row in json.loads((data / "train_captions.json").read_text())]
     pairs += [(row["image"], row["caption"]) for row in json.loads((data / "train_regions.json").read_text())]
     objects = world.object_texts()
-    patches = [world.patch_objects(text, objects, (IMAGE_SIZE // PATCH_SIZE) ** 2) for _, text in pairs]
+    patches = [world.patch_objects(text, objects, (IMAGE_SIZE // budget.patch_size) ** 2) for _, text in pairs]
     standins.train_clip([data / image for image, _ in pairs], [text for _, text in pairs], tokenizer, work / "clip",
-                        IMAGE_SIZE, PATCH_SIZE, budget.clip_steps, seed=seed, patch_objects=patches, objects=objects)
+                        IMAGE_SIZE, budget.patch_size, budget.clip_steps, seed=seed, patch_objects=patches, objects=objects)
     laps("clip stand-in")
     # The LLM stand-in learns the world's chats on scenes given in words, one token per image patch, before it sees an
     # image: the form the projector then learns to give real images (docs/demo_experiments.md compares the choices)
     scenes = standins.SceneBatches(tokenizer, world.scene_chats(budget.llm_steps * standins.LLM_BATCH_SIZE, seed),
-                                   (IMAGE_SIZE // PATCH_SIZE) ** 2)
+                                   (IMAGE_SIZE // budget.patch_size) ** 2)
     standins.train_llm(scenes, tokenizer, work / "llm", budget.llm_steps, seed=seed)
     laps("llm stand-in")
 

@@ -6,7 +6,6 @@ the object the question names" needs, learned before any image is seen; docs/dem
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPModel, MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
@@ -153,23 +152,21 @@ class SceneBatches:
             scene = torch.full((image_tokens, max(map(len, words))), -1)
             for t, token in enumerate(words):
                 scene[t, :len(token)] = torch.tensor(token, dtype=torch.long)
-            # one row of word ids per position: a text token's own id, an image token's words (-1: none)
-            text = torch.full((len(ids), scene.shape[1]), -1)
-            text[:, 0] = ids
-            at = int((ids == self.image_token_id).nonzero()[0])
-            self.rows.append((torch.cat([text[:at], scene, text[at + 1:]]),
-                              torch.cat([labels[:at], torch.full((image_tokens,), -100), labels[at + 1:]])))
+            self.rows.append((ids, labels, scene, int((ids == self.image_token_id).nonzero()[0])))
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def batch(self, index: torch.Tensor, embeddings: torch.nn.Embedding) -> dict[str, torch.Tensor]:
-        rows = [self.rows[i] for i in index.tolist()]
-        width, words = max(len(tokens) for tokens, _ in rows), max(tokens.shape[1] for tokens, _ in rows)
-        # padded on the right: every chat starts at position 0; one embedding call for the whole batch
-        tokens = torch.stack([F.pad(t, (0, words - t.shape[1], 0, width - len(t)), value=-1) for t, _ in rows])
+        rows, labels = [], []
+        for i in index.tolist():
+            ids, label, scene, at = self.rows[i]
+            image = (embeddings(scene.clamp(min=0)) * (scene >= 0)[..., None]).sum(1)
+            rows.append(torch.cat([embeddings(ids[:at]), image, embeddings(ids[at + 1:])]))
+            labels.append(torch.cat([label[:at], torch.full((len(scene),), -100), label[at + 1:]]))
+        width = max(len(row) for row in rows)  # padded on the right: every chat starts at position 0
         return {
-            "inputs_embeds": (embeddings(tokens.clamp(min=0)) * (tokens >= 0)[..., None]).sum(2),
-            "attention_mask": torch.stack([torch.arange(width) < len(t) for t, _ in rows]).long(),
-            "labels": torch.stack([F.pad(labels, (0, width - len(labels)), value=-100) for _, labels in rows]),
+            "inputs_embeds": torch.stack([torch.nn.functional.pad(row, (0, 0, 0, width - len(row))) for row in rows]),
+            "attention_mask": torch.stack([torch.arange(width) < len(row) for row in rows]).long(),
+            "labels": torch.stack([torch.nn.functional.pad(label, (0, width - len(label)), value=-100) for label in labels]),
         }
