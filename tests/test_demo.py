@@ -3,6 +3,7 @@
 import json
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -197,6 +198,43 @@ def test_llm_standin_attention_starts_as_similarity_search():
         assert not torch.equal(q[16:24], k[0:8])
 
 
+class NextTokenReader(torch.nn.Module):
+    """A stand-in for the LLM stand-in that reads its answer off teacher-forced one-hot inputs: the token `ahead`
+    places on (1: the next token, always right; 0: the current one, always wrong)."""
+
+    def __init__(self, vocab: int, ahead: int):
+        super().__init__()
+        self.embed, self.ahead = torch.nn.Embedding.from_pretrained(torch.eye(vocab)), ahead
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def forward(self, inputs_embeds, attention_mask):
+        return SimpleNamespace(logits=torch.roll(inputs_embeds, -self.ahead, dims=1))
+
+
+def test_llm_standin_lookup_probe_scores_each_question_type_on_its_answer_tokens(tmp_path):
+    rows = standins.probe_chats(12, seed=3)
+    assert {kind for kind, _ in rows} == set(world.VQA_TYPES) and all(len(shapes) >= 2 for _, (shapes, _, _) in rows)
+    texts = [m["content"] if isinstance(m["content"], str) else m["content"][-1]["text"] for _, (_, ms, _) in rows for m in ms]
+    tokenizer = standins.train_tokenizer(texts + [world.caption(shapes) for _, (shapes, _, _) in rows], tmp_path / "tokenizer")
+    right = standins.lookup_accuracy(NextTokenReader(len(tokenizer), 1), tokenizer, 16, scenes=12, seed=3)
+    wrong = standins.lookup_accuracy(NextTokenReader(len(tokenizer), 0), tokenizer, 16, scenes=12, seed=3)
+    assert right == {kind: 1.0 for kind in world.VQA_TYPES} and wrong == {kind: 0.0 for kind in world.VQA_TYPES}
+
+
+def test_lookup_trace_trains_the_llm_standin_as_the_demo_does_and_probes_it_on_schedule(tmp_path):
+    from trainer.demo import lookups
+
+    budget = Budget(train_images=40, heldout_images=4, clip_steps=1, llm_steps=5, pt_steps=1, pft_steps=1,
+                    vit_steps=1, patch_size=16)
+    probes = lookups.trace(tmp_path, budget, seed=0, every=2, log=lambda line: None)
+    assert [p["step"] for p in probes] == [2, 4, 5]  # every 2 steps and the last
+    assert all(set(p) == {"step", *world.VQA_TYPES} for p in probes)
+    assert json.loads((tmp_path / "lookups.json").read_text())["probes"] == probes
+    assert (tmp_path / "llm" / "config.json").is_file()
+
+
 def test_reduced_pipeline_learns_far_above_chance(tmp_path):
     # about 2 minutes on 2 CPU cores: too small a budget to answer the Space's examples right, large enough to learn
     budget = Budget(train_images=500, heldout_images=60, clip_steps=120, llm_steps=60, pt_steps=30, pft_steps=60,
@@ -209,6 +247,8 @@ def test_reduced_pipeline_learns_far_above_chance(tmp_path):
     assert (tmp_path / "model" / "config.json").is_file() and (tmp_path / "expert_load.png").is_file()
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["vqa_accuracy"] == metrics["vqa_accuracy"] and set(saved["accuracy_per_type"]) == set(world.VQA_TYPES)
+    lookups = saved["llm_standin_lookups"]  # the LLM stand-in's answers on scenes in words, probed before any image
+    assert set(lookups) == set(world.VQA_TYPES) and all(0 <= share <= 1 for share in lookups.values()), lookups
     # the Space's examples, asked as the app asks them, each scored against the world's answer
     assert [(e["question"], e["expected"]) for e in saved["space_examples"]] == world.example_chats()
     assert all(e["right"] == (e["answer"] == e["expected"]) and e["answer"] == e["answer"].strip()

@@ -26,7 +26,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     metrics = build_demo(args.output, budget_from_args(args), args.seed)
     keys = ("seed", "vqa_accuracy", "accuracy_per_type", "accuracy_per_type_and_objects", "chance_accuracy",
-            "description_exact_match", "space_examples", "seconds", "minutes", "environment")
+            "llm_standin_lookups", "description_exact_match", "space_examples", "seconds", "minutes", "environment")
     print(json.dumps({k: metrics[k] for k in keys}, indent=2))
     wrong = [example["question"] for example in metrics["space_examples"] if not example["right"]]
     if wrong:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer, PreTrainedTokenizerFast
 
 from trainer import init_model, train
 from trainer.demo import evaluate, standins, world
@@ -81,27 +81,39 @@ class Laps:
         self.start = time.perf_counter()
 
 
-def build_until_vit(work: Path, budget: Budget, seed: int, laps: Laps) -> Path:
-    """World, stand-ins, cumo-init, pt and pft: everything the vit stage starts from. Returns the data folder."""
+def write_world(work: Path, budget: Budget, seed: int) -> tuple[Path, PreTrainedTokenizerFast]:
+    """The world's train and held-out splits (work/data) and the tokenizer trained on its texts."""
     data = work / "data"
     world.write_split(data, "train", budget.train_images, IMAGE_SIZE, seed)
     world.write_split(data, "heldout", budget.heldout_images, IMAGE_SIZE, seed + 1)
+    return data, standins.train_tokenizer(world.corpus(data, "train"), work / "tokenizer")
+
+
+def image_tokens(budget: Budget) -> int:
+    return (IMAGE_SIZE // budget.patch_size) ** 2
+
+
+def train_llm_standin(work: Path, tokenizer, budget: Budget, seed: int, callback=None):
+    """The LLM stand-in learns the world's chats on scenes given in words, one token per image patch, before it sees
+    an image: the form the projector then learns to give real images (docs/demo_experiments.md compares the choices)."""
+    scenes = standins.SceneBatches(tokenizer, world.scene_chats(budget.llm_steps * standins.LLM_BATCH_SIZE, seed),
+                                   image_tokens(budget))
+    return standins.train_llm(scenes, tokenizer, work / "llm", budget.llm_steps, seed=seed, callback=callback)
+
+
+def build_until_vit(work: Path, budget: Budget, seed: int, laps: Laps) -> Path:
+    """World, stand-ins, cumo-init, pt and pft: everything the vit stage starts from. Returns the data folder."""
+    data, tokenizer = write_world(work, budget, seed)
     laps("world")
 
-    texts = world.corpus(data, "train")
-    tokenizer = standins.train_tokenizer(texts, work / "tokenizer")
     pairs = [(row["image"], row["conversations"][1]["value"]) for row in json.loads((data / "train_captions.json").read_text())]
     pairs += [(row["image"], row["caption"]) for row in json.loads((data / "train_regions.json").read_text())]
     objects = world.object_texts()
-    patches = [world.patch_objects(text, objects, (IMAGE_SIZE // budget.patch_size) ** 2) for _, text in pairs]
+    patches = [world.patch_objects(text, objects, image_tokens(budget)) for _, text in pairs]
     standins.train_clip([data / image for image, _ in pairs], [text for _, text in pairs], tokenizer, work / "clip",
                         IMAGE_SIZE, budget.patch_size, budget.clip_steps, seed=seed, patch_objects=patches, objects=objects)
     laps("clip stand-in")
-    # The LLM stand-in learns the world's chats on scenes given in words, one token per image patch, before it sees an
-    # image: the form the projector then learns to give real images (docs/demo_experiments.md compares the choices)
-    scenes = standins.SceneBatches(tokenizer, world.scene_chats(budget.llm_steps * standins.LLM_BATCH_SIZE, seed),
-                                   (IMAGE_SIZE // budget.patch_size) ** 2)
-    standins.train_llm(scenes, tokenizer, work / "llm", budget.llm_steps, seed=seed)
+    train_llm_standin(work, tokenizer, budget, seed)
     laps("llm stand-in")
 
     init_model.main(["--vision-tower", str(work / "clip"), "--llm", str(work / "llm"), "--output", str(work / "init"),
@@ -154,7 +166,12 @@ def build_demo(output: Path, budget: Budget, seed: int = 0, log=print) -> dict:
         shutil.rmtree(final)
     shutil.copytree(work / "vit", final, ignore=shutil.ignore_patterns("training_args.bin", "checkpoint-*"))
     metrics = evaluate_model(final, data)
+    metrics["llm_standin_lookups"] = standins.lookup_accuracy(
+        AutoModelForCausalLM.from_pretrained(work / "llm"), AutoTokenizer.from_pretrained(work / "llm"),
+        image_tokens(budget), seed=seed)
     laps("evaluation")
+    log("[cumo-demo] LLM stand-in, before any image, on scenes in words (2-3 shapes): "
+        + ", ".join(f"{kind} {share:.2f}" for kind, share in metrics["llm_standin_lookups"].items()))
     for example in metrics["space_examples"]:
         log(f"[cumo-demo] Space example {example['question']!r}: {example['answer']!r} "
             + ("(right)" if example["right"] else f"(WRONG, the world says {example['expected']!r})"))

@@ -3,6 +3,7 @@ ordinary transformers checkpoints: a small CLIP (contrastive image-text training
 modelling on chats about scenes whose image is given in the world's own words, `SceneBatches`: what the lookup "find
 the object the question names" needs, learned before any image is seen; docs/demo_experiments.md)."""
 
+import random
 from pathlib import Path
 
 import torch
@@ -23,20 +24,24 @@ def train_tokenizer(texts: list[str], folder: Path) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def _fit(model, loss_of, count: int, steps: int, batch_size: int, lr: float, seed: int, desc: str) -> None:
-    """AdamW with a one-cycle schedule over `steps` random batches; `loss_of(indices)` gives a batch's loss."""
+def _fit(model, loss_of, count: int, steps: int, batch_size: int, lr: float, seed: int, desc: str,
+         callback=None) -> None:
+    """AdamW with a one-cycle schedule over `steps` random batches; `loss_of(indices)` gives a batch's loss;
+    `callback(step, model)`, if given, runs after each step."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
     generator = torch.Generator().manual_seed(seed)
     model.train()
     progress = tqdm(range(steps), desc=desc)
-    for _ in progress:
+    for step in progress:
         loss = loss_of(torch.randint(0, count, (batch_size,), generator=generator))
         loss.backward()
         optimizer.step()
         schedule.step()
         optimizer.zero_grad()
         progress.set_postfix(loss=f"{loss.item():.3f}")
+        if callback is not None:
+            callback(step + 1, model)
 
 
 def train_clip(images: list[Path], captions: list[str], tokenizer, folder: Path, image_size: int, patch_size: int,
@@ -95,7 +100,7 @@ LLM_BATCH_SIZE = 32
 
 
 def train_llm(scenes: "SceneBatches", tokenizer, folder: Path, steps: int, batch_size: int = LLM_BATCH_SIZE,
-              lr: float = 5e-3, seed: int = 0) -> MistralForCausalLM:
+              lr: float = 5e-3, seed: int = 0, callback=None) -> MistralForCausalLM:
     torch.manual_seed(seed)
     # 8 heads and initializer_range 0.1: tiny transformers learn lookups faster than with the defaults; heads of 32,
     # the smallest vLLM's CPU attention serves; rope_theta 1e6 as Mistral-7B-v0.2
@@ -111,7 +116,7 @@ def train_llm(scenes: "SceneBatches", tokenizer, folder: Path, steps: int, batch
     def loss_of(index):
         return model(**scenes.batch(index, model.get_input_embeddings())).loss
 
-    _fit(model, loss_of, len(scenes), steps, batch_size, lr, seed, "LLM stand-in")
+    _fit(model, loss_of, len(scenes), steps, batch_size, lr, seed, "LLM stand-in", callback)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return model
@@ -129,6 +134,45 @@ def start_attention_as_similarity(model: MistralForCausalLM) -> None:
             for head in range(model.config.num_attention_heads):
                 kv = head // group
                 attention.q_proj.weight[head * size:(head + 1) * size] = attention.k_proj.weight[kv * size:(kv + 1) * size]
+
+
+def probe_chats(count: int, seed: int) -> list[tuple[str, tuple]]:
+    """(question type, scene chat) for each question the world asks about `count` scenes of 2-3 shapes (one shape
+    needs no lookup), each question asked alone right after the image."""
+    rng = random.Random(f"{seed}-lookup-probe")
+    rows = []
+    while len(rows) < count:
+        _, shapes = world.sample_scene(rng)
+        if len(shapes) < 2:
+            continue
+        for kind, question, answer in world.questions(shapes, rng):
+            if kind in world.VQA_TYPES:
+                messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
+                            {"role": "assistant", "content": answer}]
+                rows.append((kind, (shapes, messages, False)))
+    return rows
+
+
+@torch.no_grad()
+def lookup_accuracy(model, tokenizer, image_tokens: int, scenes: int = 200, seed: int = 0) -> dict[str, float]:
+    """Share of exactly right answers (teacher-forced) of the LLM stand-in per question type, on scenes in words: did it
+    learn to find the object a question names before it sees an image? A stand-in that finds objects by colour but
+    not by shape leaves the demo's colour answers near chance whatever the later stages do (docs/demo_experiments.md)."""
+    rows = probe_chats(scenes, seed)
+    batches = SceneBatches(tokenizer, [chat for _, chat in rows], image_tokens)
+    right = {kind: [] for kind in world.VQA_TYPES}
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(rows), 64):
+        index = torch.arange(start, min(start + 64, len(rows)))
+        batch = batches.batch(index, model.get_input_embeddings())
+        predicted = model(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"]).logits.argmax(-1)
+        for row, i in enumerate(index.tolist()):
+            labels = batch["labels"][row, 1:]
+            answer = labels != -100
+            right[rows[i][0]].append(bool((predicted[row, :-1][answer] == labels[answer]).all()))
+    model.train(was_training)
+    return {kind: round(sum(r) / len(r), 3) for kind, r in right.items() if r}
 
 
 class SceneBatches:
