@@ -40,6 +40,8 @@ def main(argv=None):
     parser.add_argument("--every", type=int, default=100, help="probe every this many LLM steps (and at the last)")
     add_budget_arguments(parser)
     args = parser.parse_args(argv)
+    if args.every < 1:
+        parser.error("--every must be at least 1")
     trace(args.output, budget_from_args(args), args.seed, args.every)
 
 
