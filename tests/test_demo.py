@@ -145,6 +145,33 @@ def test_scene_chats_answer_about_the_scene_they_carry():
                 assert answer == world.QUADRANTS[present[tuple(question[len("Where is the "):-1].split())].quadrant].capitalize() + "."
 
 
+def test_colour_lookup_chats_ask_the_colour_of_every_object_found_by_its_shape():
+    chats = world.colour_lookup_chats(60, seed=4)
+    assert len(chats) == 60 and chats == world.colour_lookup_chats(60, seed=4)
+    for shapes, messages, plain in chats:
+        assert not plain and len(shapes) >= 2 and messages[0]["content"][0] == {"type": "image"}
+        unique = [s for s in shapes if [t.shape for t in shapes].count(s.shape) == 1]
+        asked = {}
+        for question, answer in zip((m["content"][-1]["text"] for m in messages[::2]), (m["content"] for m in messages[1::2])):
+            target = world.asked_object("colour", question, shapes)
+            assert target is not None and answer == target.colour.capitalize() + "."
+            asked[target] = answer
+        assert set(asked) == set(unique)  # every object its shape names, once
+
+
+def test_fit_draws_the_first_steps_from_the_first_rows_only():
+    model = torch.nn.Linear(1, 1)
+    drawn = []
+
+    def loss_of(index):
+        drawn.append(index)
+        return model.weight.sum() * 0 + model.bias.sum()
+
+    standins._fit(model, loss_of, count=20, steps=6, batch_size=50, lr=1e-3, seed=0, desc="test", first=(2, 5))
+    assert all(int(index.max()) < 5 for index in drawn[:2])
+    assert all(int(index.min()) >= 5 for index in drawn[2:]) and max(int(index.max()) for index in drawn) == 19
+
+
 def test_scene_words_put_each_object_in_the_tokens_of_its_quadrant():
     shapes = [world.Shape("red", "circle", True, 0), world.Shape("blue", "square", False, 3)]
     words = world.scene_words(shapes, 16)  # a 4 x 4 grid: quadrant 0 is tokens 0, 1, 4, 5
@@ -227,7 +254,7 @@ def test_lookup_trace_trains_the_llm_standin_as_the_demo_does_and_probes_it_on_s
     from trainer.demo import lookups
 
     budget = Budget(train_images=40, heldout_images=4, clip_steps=1, llm_steps=5, pt_steps=1, pft_steps=1,
-                    vit_steps=1, patch_size=16)
+                    vit_steps=1, patch_size=16, llm_colour_steps=2)
     probes = lookups.trace(tmp_path, budget, seed=0, every=2, log=lambda line: None)
     assert [p["step"] for p in probes] == [2, 4, 5]  # every 2 steps and the last
     assert all(set(p) == {"step", *world.VQA_TYPES} for p in probes)
@@ -379,6 +406,10 @@ def test_patch_size_option_reaches_every_stage_and_rejects_sizes_that_do_not_til
     for bad in ("12", "64", "-8"):
         with pytest.raises(SystemExit, match="tile each quadrant"):
             pipeline.budget_from_args(parser.parse_args(["--patch-size", bad]))
+    for bad in ("700", "900", "-1"):  # the colour-first steps are part of the LLM stand-in's 700
+        with pytest.raises(SystemExit, match="below --llm-steps"):
+            pipeline.budget_from_args(parser.parse_args(["--llm-colour-steps", bad]))
+    assert pipeline.budget_from_args(parser.parse_args(["--llm-colour-steps", "200"])).llm_colour_steps == 200
     tiny = Budget(train_images=8, heldout_images=4, clip_steps=1, llm_steps=1, pt_steps=1, pft_steps=1, vit_steps=1,
                   patch_size=16)
     pipeline.build_until_vit(tmp_path, tiny, seed=0, laps=pipeline.Laps(log=lambda _: None))

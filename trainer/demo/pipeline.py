@@ -28,6 +28,9 @@ class Budget:
         "the CLIP stand-in's patch side in pixels; 16 gives 16 image tokens instead of 64 and a run of about 14-15 "
         "minutes instead of 21 on 2 cores, but held-out VQA 0.87-0.99 over seeds 0-2 instead of 0.92-0.97 "
         "(docs/demo_experiments.md)")})
+    llm_colour_steps: int = field(default=0, metadata={"help": (
+        "how many of the LLM stand-in's first steps learn only colour questions on 2-3 shapes (the one lookup of an "
+        "object by its shape), before the whole mix (docs/demo_experiments.md)")})
 
 
 # The full budget takes about 20 minutes on 2 CPU cores; docs/demo_experiments.md has what each step count
@@ -56,6 +59,9 @@ def budget_from_args(args: argparse.Namespace) -> Budget:
     if budget.patch_size <= 0 or IMAGE_SIZE % (2 * budget.patch_size):
         raise SystemExit(f"--patch-size {budget.patch_size}: the patches must tile each quadrant of the {IMAGE_SIZE}-pixel "
                          f"images (2, 4, 8, 16 or 32).")
+    if not 0 <= budget.llm_colour_steps < budget.llm_steps:
+        raise SystemExit(f"--llm-colour-steps {budget.llm_colour_steps}: it must be at least 0 and below --llm-steps "
+                         f"({budget.llm_steps}), which it is part of.")
     return budget
 
 
@@ -96,9 +102,11 @@ def image_tokens(budget: Budget) -> int:
 def train_llm_standin(work: Path, tokenizer, budget: Budget, seed: int, callback=None):
     """The LLM stand-in learns the world's chats on scenes given in words, one token per image patch, before it sees
     an image: the form the projector then learns to give real images (docs/demo_experiments.md compares the choices)."""
-    scenes = standins.SceneBatches(tokenizer, world.scene_chats(budget.llm_steps * standins.LLM_BATCH_SIZE, seed),
-                                   image_tokens(budget))
-    return standins.train_llm(scenes, tokenizer, work / "llm", budget.llm_steps, seed=seed, callback=callback)
+    lookups = world.colour_lookup_chats(budget.llm_colour_steps * standins.LLM_BATCH_SIZE, seed)
+    chats = lookups + world.scene_chats(budget.llm_steps * standins.LLM_BATCH_SIZE, seed)
+    scenes = standins.SceneBatches(tokenizer, chats, image_tokens(budget))
+    return standins.train_llm(scenes, tokenizer, work / "llm", budget.llm_steps, seed=seed, callback=callback,
+                              first=(budget.llm_colour_steps, len(lookups)))
 
 
 def build_until_vit(work: Path, budget: Budget, seed: int, laps: Laps) -> Path:

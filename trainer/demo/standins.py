@@ -25,16 +25,18 @@ def train_tokenizer(texts: list[str], folder: Path) -> PreTrainedTokenizerFast:
 
 
 def _fit(model, loss_of, count: int, steps: int, batch_size: int, lr: float, seed: int, desc: str,
-         callback=None) -> None:
-    """AdamW with a one-cycle schedule over `steps` random batches; `loss_of(indices)` gives a batch's loss;
-    `callback(step, model)`, if given, runs after each step."""
+         callback=None, first: tuple[int, int] = (0, 0)) -> None:
+    """AdamW with a one-cycle schedule over `steps` random batches of indices below `count`; `loss_of(indices)` gives
+    a batch's loss; `callback(step, model)`, if given, runs after each step. With `first` = (steps1, rows1), the first
+    steps1 batches come from the first rows1 rows and the others from the rest (a curriculum)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
     generator = torch.Generator().manual_seed(seed)
     model.train()
     progress = tqdm(range(steps), desc=desc)
     for step in progress:
-        loss = loss_of(torch.randint(0, count, (batch_size,), generator=generator))
+        low, high = (0, first[1]) if step < first[0] else (first[1], count)
+        loss = loss_of(torch.randint(low, high, (batch_size,), generator=generator))
         loss.backward()
         optimizer.step()
         schedule.step()
@@ -100,7 +102,7 @@ LLM_BATCH_SIZE = 32
 
 
 def train_llm(scenes: "SceneBatches", tokenizer, folder: Path, steps: int, batch_size: int = LLM_BATCH_SIZE,
-              lr: float = 5e-3, seed: int = 0, callback=None) -> MistralForCausalLM:
+              lr: float = 5e-3, seed: int = 0, callback=None, first: tuple[int, int] = (0, 0)) -> MistralForCausalLM:
     torch.manual_seed(seed)
     # 8 heads and initializer_range 0.1: tiny transformers learn lookups faster than with the defaults; heads of 32,
     # the smallest vLLM's CPU attention serves; rope_theta 1e6 as Mistral-7B-v0.2
@@ -116,7 +118,7 @@ def train_llm(scenes: "SceneBatches", tokenizer, folder: Path, steps: int, batch
     def loss_of(index):
         return model(**scenes.batch(index, model.get_input_embeddings())).loss
 
-    _fit(model, loss_of, len(scenes), steps, batch_size, lr, seed, "LLM stand-in", callback)
+    _fit(model, loss_of, len(scenes), steps, batch_size, lr, seed, "LLM stand-in", callback, first)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return model

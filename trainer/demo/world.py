@@ -250,12 +250,32 @@ def scene_chats(count: int, seed: int) -> list[tuple[list[Shape], list[dict], bo
             turns = [(question, answer) for kind, question, answer in questions(shapes, rng) if kind in VQA_TYPES]
             rng.shuffle(turns)
             plain = False
-        messages = []
-        for i, (question, answer) in enumerate(turns):
-            content = ([{"type": "image"}] if i == 0 else []) + [{"type": "text", "text": question}]
-            messages += [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
-        chats.append((shapes, messages, plain))
+        chats.append((shapes, chat_messages(turns), plain))
     return chats
+
+
+def colour_lookup_chats(count: int, seed: int) -> list[tuple[list[Shape], list[dict], bool]]:
+    """Scene chats (as `scene_chats`) on 2-3 shapes that ask the colour of every object whose shape is unique: the
+    one question that finds an object by its shape alone (the texts name colours first, "the red triangle"), taught
+    first so that this lookup forms before the lookup by colour does (docs/demo_experiments.md)."""
+    rng = random.Random(f"{seed}-colour-lookup")
+    chats = []
+    while len(chats) < count:
+        _, shapes = sample_scene(rng)
+        turns = [ask("colour", shapes, s.colour, s.shape) for s in shapes if [t.shape for t in shapes].count(s.shape) == 1]
+        if len(shapes) >= 2 and turns:
+            rng.shuffle(turns)
+            chats.append((shapes, chat_messages(turns), False))
+    return chats
+
+
+def chat_messages(turns: list[tuple[str, str]]) -> list[dict]:
+    """(question, answer) turns as chat messages, the image as the first user message's `{"type": "image"}` part."""
+    messages = []
+    for i, (question, answer) in enumerate(turns):
+        content = ([{"type": "image"}] if i == 0 else []) + [{"type": "text", "text": question}]
+        messages += [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
+    return messages
 
 
 def corpus(folder: Path, name: str) -> list[str]:
