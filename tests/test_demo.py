@@ -245,8 +245,8 @@ def test_llm_standin_lookup_probe_scores_each_question_type_on_its_answer_tokens
     assert {kind for kind, _ in rows} == set(world.VQA_TYPES) and all(len(shapes) >= 2 for _, (shapes, _, _) in rows)
     texts = [m["content"] if isinstance(m["content"], str) else m["content"][-1]["text"] for _, (_, ms, _) in rows for m in ms]
     tokenizer = standins.train_tokenizer(texts + [world.caption(shapes) for _, (shapes, _, _) in rows], tmp_path / "tokenizer")
-    right = standins.lookup_accuracy(NextTokenReader(len(tokenizer), 1), tokenizer, 16, scenes=12, seed=3)
-    wrong = standins.lookup_accuracy(NextTokenReader(len(tokenizer), 0), tokenizer, 16, scenes=12, seed=3)
+    right = standins.lookup_accuracy(NextTokenReader(len(tokenizer), 1), tokenizer, 16, questions=12, seed=3)
+    wrong = standins.lookup_accuracy(NextTokenReader(len(tokenizer), 0), tokenizer, 16, questions=12, seed=3)
     assert right == {kind: 1.0 for kind in world.VQA_TYPES} and wrong == {kind: 0.0 for kind in world.VQA_TYPES}
 
 

@@ -138,29 +138,25 @@ def start_attention_as_similarity(model: MistralForCausalLM) -> None:
                 attention.q_proj.weight[head * size:(head + 1) * size] = attention.k_proj.weight[kv * size:(kv + 1) * size]
 
 
-def probe_chats(count: int, seed: int) -> list[tuple[str, tuple]]:
-    """(question type, scene chat) for each question the world asks about `count` scenes of 2-3 shapes (one shape
-    needs no lookup), each question asked alone right after the image."""
+def probe_chats(questions: int, seed: int) -> list[tuple[str, tuple]]:
+    """(question type, scene chat) for at least `questions` questions, all the world asks about each of as many scenes
+    of 2-3 shapes (one shape needs no lookup), each question asked alone right after the image."""
     rng = random.Random(f"{seed}-lookup-probe")
     rows = []
-    while len(rows) < count:
+    while len(rows) < questions:
         _, shapes = world.sample_scene(rng)
-        if len(shapes) < 2:
-            continue
-        for kind, question, answer in world.questions(shapes, rng):
-            if kind in world.VQA_TYPES:
-                messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
-                            {"role": "assistant", "content": answer}]
-                rows.append((kind, (shapes, messages, False)))
+        if len(shapes) >= 2:
+            rows += [(kind, (shapes, world.chat_messages([(question, answer)]), False))
+                     for kind, question, answer in world.questions(shapes, rng) if kind in world.VQA_TYPES]
     return rows
 
 
 @torch.no_grad()
-def lookup_accuracy(model, tokenizer, image_tokens: int, scenes: int = 200, seed: int = 0) -> dict[str, float]:
+def lookup_accuracy(model, tokenizer, image_tokens: int, questions: int = 200, seed: int = 0) -> dict[str, float]:
     """Share of exactly right answers (teacher-forced) of the LLM stand-in per question type, on scenes in words: did it
     learn to find the object a question names before it sees an image? A stand-in that finds objects by colour but
     not by shape leaves the demo's colour answers near chance whatever the later stages do (docs/demo_experiments.md)."""
-    rows = probe_chats(scenes, seed)
+    rows = probe_chats(questions, seed)
     batches = SceneBatches(tokenizer, [chat for _, chat in rows], image_tokens)
     right = {kind: [] for kind in world.VQA_TYPES}
     was_training = model.training
