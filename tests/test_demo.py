@@ -410,6 +410,10 @@ def test_patch_size_option_reaches_every_stage_and_rejects_sizes_that_do_not_til
         with pytest.raises(SystemExit, match="below --llm-steps"):
             pipeline.budget_from_args(parser.parse_args(["--llm-colour-steps", bad]))
     assert pipeline.budget_from_args(parser.parse_args(["--llm-colour-steps", "200"])).llm_colour_steps == 200
+    assert pipeline.budget_from_args(parser.parse_args(["--llm-colour-steps", "0"])).llm_colour_steps == 0  # not the default
+    for flag in ("--vit-steps", "--train-images"):
+        with pytest.raises(SystemExit, match="at least 1"):
+            pipeline.budget_from_args(parser.parse_args([flag, "0"]))
     tiny = Budget(train_images=8, heldout_images=4, clip_steps=1, llm_steps=1, pt_steps=1, pft_steps=1, vit_steps=1,
                   patch_size=16)
     pipeline.build_until_vit(tmp_path, tiny, seed=0, laps=pipeline.Laps(log=lambda _: None))

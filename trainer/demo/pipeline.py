@@ -56,7 +56,11 @@ def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
 
 def budget_from_args(args: argparse.Namespace) -> Budget:
     budget = QUICK if args.quick else FULL
-    budget = Budget(**{name: getattr(args, name) or getattr(budget, name) for name in Budget.__dataclass_fields__})
+    budget = Budget(**{name: getattr(budget, name) if getattr(args, name) is None else getattr(args, name)
+                       for name in Budget.__dataclass_fields__})
+    for name in ("train_images", "heldout_images", "clip_steps", "llm_steps", "pt_steps", "pft_steps", "vit_steps"):
+        if getattr(budget, name) < 1:  # a trainer given 0 steps would train whole epochs instead
+            raise SystemExit(f"--{name.replace('_', '-')} {getattr(budget, name)}: it must be at least 1.")
     if budget.patch_size <= 0 or IMAGE_SIZE % (2 * budget.patch_size):
         raise SystemExit(f"--patch-size {budget.patch_size}: the patches must tile each quadrant of the {IMAGE_SIZE}-pixel "
                          f"images (2, 4, 8, 16 or 32).")
