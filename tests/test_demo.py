@@ -370,6 +370,22 @@ def test_demo_seeds_summary_gives_each_figure_s_mean_and_range():
     assert "| mean (min-max) | 0.915 (0.9-0.93) |" in table(runs, summary)
 
 
+def test_demo_seeds_passes_cumo_demo_flags_after_a_double_dash_to_every_run(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from demo_seeds import demo_command, parse_args
+
+    args = parse_args(["--seeds", "1", "2", "--quick", "--", "--patch-size", "16", "--llm-colour-steps", "20"])
+    assert args.seeds == [1, 2] and args.quick and args.demo_args == ["--patch-size", "16", "--llm-colour-steps", "20"]
+    command = demo_command(tmp_path / "seed-2", 2, args)
+    assert command[1:3] == ["-m", "trainer.demo"] and command[command.index("--seed") + 1] == "2"
+    assert command[-5:] == ["--quick", "--patch-size", "16", "--llm-colour-steps", "20"]
+    assert parse_args([]).demo_args == []
+    with pytest.raises(SystemExit):  # a cumo-demo flag without the double dash is refused, not silently dropped
+        parse_args(["--patch-size", "16"])
+
+
 
 def test_clip_standin_trains_its_patch_tokens_with_the_patch_loss(tmp_path, monkeypatch):
     world.write_split(tmp_path, "train", 4, world.IMAGE_SIZE, seed=0)
