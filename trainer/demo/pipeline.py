@@ -30,8 +30,9 @@ class Budget:
         "(docs/demo_experiments.md)")})
     llm_colour_steps: int = field(default=0, metadata={"help": (
         "how many of the LLM stand-in's first steps learn only colour questions on 2-3 shapes (the one lookup of an "
-        "object by its shape), before the whole mix; 200 with --patch-size 16 made colour answers right every time "
-        "in seeds 1-2, but position answers stayed weak (docs/demo_experiments.md)")})
+        "object by its shape), before the whole mix; 200 with --patch-size 16 made colour answers right in seeds 0-2, "
+        "but not in every world (the lookup can fade in the mix) and position answers stayed weak "
+        "(docs/demo_experiments.md)")})
 
 
 # The full budget takes about 20 minutes on 2 CPU cores; docs/demo_experiments.md has what each step count
