@@ -1,5 +1,6 @@
 """The demo world: generated data is well formed, and a reduced end-to-end run learns far above chance."""
 
+import argparse
 import json
 import random
 from pathlib import Path
@@ -8,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from PIL import Image
+from transformers import MistralForCausalLM
 
 from modeling_cumo.processing_cumo import CHAT_TEMPLATE, PLAIN_CHAT_TEMPLATE
 from trainer.demo import attention, probe, standins, world
@@ -172,6 +174,46 @@ def test_fit_draws_the_first_steps_from_the_first_rows_only():
     assert all(int(index.min()) >= 5 for index in drawn[2:]) and max(int(index.max()) for index in drawn) == 19
 
 
+def test_bf16_stand_ins_are_refused_where_the_cpu_would_emulate_bf16(monkeypatch):
+    from trainer.demo.pipeline import add_budget_arguments, budget_from_args
+
+    parser = argparse.ArgumentParser()
+    add_budget_arguments(parser)
+    for capabilities, native in (({}, False), ({"avx512_bf16": True}, True), ({"amx_bf16": True}, True)):
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
+        assert standins.has_native_bf16() is native
+        args = parser.parse_args(["--quick", "--stand-in-dtype", "bfloat16"])
+        if native:
+            assert budget_from_args(args).stand_in_dtype == "bfloat16"
+        else:
+            with pytest.raises(SystemExit, match="neither AMX nor AVX512-BF16"):
+                budget_from_args(args)
+    assert budget_from_args(parser.parse_args(["--quick"])).stand_in_dtype == "float32"
+
+
+def test_stand_in_attention_runs_outside_autocast_and_the_checkpoint_names_plain_sdpa(tmp_path, monkeypatch):
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(query, *args, **kwargs):
+        seen.append((query.dtype, torch.is_autocast_enabled("cpu")))
+        return sdpa(query, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    chats = world.scene_chats(8, seed=1)
+    texts = [world.caption(shapes) for shapes, _, _ in chats] + [m["content"] if isinstance(m["content"], str) else
+                                                                 m["content"][-1]["text"] for _, ms, _ in chats for m in ms]
+    tokenizer = standins.train_tokenizer(texts, tmp_path / "tokenizer")
+    scenes = standins.SceneBatches(tokenizer, chats, image_tokens=4)
+    model = standins.train_llm(scenes, tokenizer, tmp_path / "llm", steps=2, batch_size=2, dtype=torch.bfloat16)
+    assert len(seen) == 2 * model.config.num_hidden_layers  # every layer in each of the two steps
+    assert all(entry == (torch.float32, False) for entry in seen)
+    assert model.config._attn_implementation == "sdpa"
+    reloaded = MistralForCausalLM.from_pretrained(tmp_path / "llm")
+    assert reloaded.config._attn_implementation == "sdpa"
+    assert torch.equal(reloaded.lm_head.weight, model.lm_head.weight)
+
+
 def test_scene_words_put_each_object_in_the_tokens_of_its_quadrant():
     shapes = [world.Shape("red", "circle", True, 0), world.Shape("blue", "square", False, 3)]
     words = world.scene_words(shapes, 16)  # a 4 x 4 grid: quadrant 0 is tokens 0, 1, 4, 5
@@ -211,6 +253,13 @@ def test_llm_standin_scene_batches_put_the_scene_words_where_the_image_is(tmp_pa
         assert torch.equal(batch["inputs_embeds"][row, at + 16:length], embeddings(ids[at + 1:]))
         labelled = tokenizer.decode(batch["labels"][row][batch["labels"][row] != -100])  # the answers, and only they
         assert labelled.replace("</s>", "").split() == " ".join(m["content"] for m in messages[1::2]).split()
+
+
+def test_llm_standin_scene_batches_refuse_a_tokenizer_without_the_world_s_words(tmp_path):
+    chats = world.scene_chats(4, seed=1)
+    tokenizer = standins.train_tokenizer(["What colour is it?"], tmp_path / "tokenizer")
+    with pytest.raises(ValueError, match="no single token for some of the world's words"):
+        standins.SceneBatches(tokenizer, chats, image_tokens=16)
 
 
 def test_llm_standin_attention_starts_as_similarity_search():

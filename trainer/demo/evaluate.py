@@ -13,6 +13,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from modeling_cumo.moe_cumo import CuMoTopKRouter
+from trainer.demo.standins import has_native_bf16
 
 
 def normalise(text: str) -> str:
@@ -132,4 +133,4 @@ def environment() -> dict:
                     if line.startswith("model name")), cpu)
     return {"cpu": cpu, "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
-            "platform": platform.platform()}
+            "platform": platform.platform(), "native_bf16": has_native_bf16()}

@@ -4,12 +4,15 @@ modelling on chats about scenes whose image is given in the world's own words, `
 the object the question names" needs, learned before any image is seen; docs/demo_experiments.md)."""
 
 import random
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
-from transformers import CLIPConfig, CLIPModel, MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
+from transformers import (AttentionInterface, CLIPConfig, CLIPModel, MistralConfig, MistralForCausalLM,
+                          PreTrainedTokenizerFast)
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from hub_upload.random_checkpoint import make_tokenizer
 from modeling_cumo.processing_cumo import CHAT_TEMPLATE, PLAIN_CHAT_TEMPLATE, make_image_processor
@@ -24,11 +27,41 @@ def train_tokenizer(texts: list[str], folder: Path) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+def has_native_bf16() -> bool:
+    """Whether the CPU multiplies bf16 natively (AMX or AVX512-BF16); elsewhere bf16 is emulated and slower than
+    float32."""
+    capabilities = torch.cpu.get_capabilities()
+    return bool(capabilities.get("amx_bf16") or capabilities.get("avx512_bf16"))
+
+
+def sdpa_in_float32(module, query, key, value, attention_mask, **kwargs):
+    """transformers' SDPA attention outside autocast: the CPU's bf16 flash-attention backward is about twice as slow
+    as its float32 one at the stand-ins' sizes (head size 16-32, 64-200 tokens)."""
+    with torch.autocast("cpu", enabled=False):
+        out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask, **kwargs)
+    return out.to(query.dtype), weights
+
+
+AttentionInterface.register("sdpa_float32", sdpa_in_float32)
+
+
+@contextmanager
+def float32_attention(model):
+    """Train `model` with `sdpa_in_float32`; it is back on transformers' "sdpa" after, which its checkpoint then
+    names."""
+    model.set_attn_implementation("sdpa_float32")
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
 def _fit(model, loss_of, count: int, steps: int, batch_size: int, lr: float, seed: int, desc: str,
-         callback=None, first: tuple[int, int] = (0, 0)) -> None:
+         callback=None, first: tuple[int, int] = (0, 0), dtype: torch.dtype = torch.float32) -> None:
     """AdamW with a one-cycle schedule over `steps` random batches of indices below `count`; `loss_of(indices)` gives
     a batch's loss; `callback(step, model)`, if given, runs after each step. With `first` = (steps1, rows1), the first
-    steps1 batches come from the first rows1 rows and the others from the rest (a curriculum)."""
+    steps1 batches come from the first rows1 rows and the others from the rest (a curriculum). With `dtype` bf16 the
+    forward passes run under bf16 autocast (weights and optimiser stay float32)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
     generator = torch.Generator().manual_seed(seed)
@@ -36,7 +69,8 @@ def _fit(model, loss_of, count: int, steps: int, batch_size: int, lr: float, see
     progress = tqdm(range(steps), desc=desc)
     for step in progress:
         low, high = (0, first[1]) if step < first[0] else (first[1], count)
-        loss = loss_of(torch.randint(low, high, (batch_size,), generator=generator))
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            loss = loss_of(torch.randint(low, high, (batch_size,), generator=generator))
         loss.backward()
         optimizer.step()
         schedule.step()
@@ -48,7 +82,8 @@ def _fit(model, loss_of, count: int, steps: int, batch_size: int, lr: float, see
 
 def train_clip(images: list[Path], captions: list[str], tokenizer, folder: Path, image_size: int, patch_size: int,
                steps: int, batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
-               patch_objects: list[list[int]] | None = None, objects: list[str] = ()) -> CLIPModel:
+               patch_objects: list[list[int]] | None = None, objects: list[str] = (),
+               dtype: torch.dtype = torch.float32) -> CLIPModel:
     """Contrastive image-caption training; with `patch_objects` (per image, per patch, an index into `objects`, the
     texts of the world's objects, or -1 for none), also a dense loss that makes each patch token of the feature layer
     (-2, the one CuMo reads) match the text of the object it shows."""
@@ -80,7 +115,8 @@ def train_clip(images: list[Path], captions: list[str], tokenizer, folder: Path,
         return output.loss + patch_loss(model, output.vision_model_output.hidden_states[-2][:, 1:], targets[index],
                                         object_text)
 
-    _fit(model, loss_of, len(images), steps, batch_size, lr, seed, "CLIP stand-in")
+    with float32_attention(model):
+        _fit(model, loss_of, len(images), steps, batch_size, lr, seed, "CLIP stand-in", dtype=dtype)
     model.save_pretrained(folder)
     make_image_processor(image_size).save_pretrained(folder)
     return model
@@ -102,7 +138,8 @@ LLM_BATCH_SIZE = 32
 
 
 def train_llm(scenes: "SceneBatches", tokenizer, folder: Path, steps: int, batch_size: int = LLM_BATCH_SIZE,
-              lr: float = 5e-3, seed: int = 0, callback=None, first: tuple[int, int] = (0, 0)) -> MistralForCausalLM:
+              lr: float = 5e-3, seed: int = 0, callback=None, first: tuple[int, int] = (0, 0),
+              dtype: torch.dtype = torch.float32) -> MistralForCausalLM:
     torch.manual_seed(seed)
     # 8 heads and initializer_range 0.1: tiny transformers learn lookups faster than with the defaults; heads of 32,
     # the smallest vLLM's CPU attention serves; rope_theta 1e6 as Mistral-7B-v0.2
@@ -118,7 +155,8 @@ def train_llm(scenes: "SceneBatches", tokenizer, folder: Path, steps: int, batch
     def loss_of(index):
         return model(**scenes.batch(index, model.get_input_embeddings())).loss
 
-    _fit(model, loss_of, len(scenes), steps, batch_size, lr, seed, "LLM stand-in", callback, first)
+    with float32_attention(model):
+        _fit(model, loss_of, len(scenes), steps, batch_size, lr, seed, "LLM stand-in", callback, first, dtype)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return model
@@ -181,6 +219,7 @@ class SceneBatches:
 
     def __init__(self, tokenizer, chats: list, image_tokens: int):
         self.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+        vocabulary = tokenizer.get_vocab()
         self.rows = []
         for shapes, messages, plain in chats:
             encoded = tokenizer.apply_chat_template(
@@ -188,12 +227,11 @@ class SceneBatches:
                 return_dict=True, return_assistant_tokens_mask=True)
             ids = torch.tensor(encoded["input_ids"])
             labels = ids.masked_fill(torch.tensor(encoded["assistant_masks"]) == 0, -100)
-            words = [tokenizer.convert_tokens_to_ids(["Ġ" + w for w in token]) for token in world.scene_words(shapes, image_tokens)]
-            if any(tokenizer.unk_token_id in token for token in words):
+            words = world.scene_words(shapes, image_tokens)
+            if any("Ġ" + word not in vocabulary for token in words for word in token):
                 raise ValueError("The tokenizer has no single token for some of the world's words; train it on the world's texts.")
-            scene = torch.full((image_tokens, max(map(len, words))), -1)
-            for t, token in enumerate(words):
-                scene[t, :len(token)] = torch.tensor(token, dtype=torch.long)
+            width = max(map(len, words))
+            scene = torch.tensor([[vocabulary["Ġ" + word] for word in token] + [-1] * (width - len(token)) for token in words])
             self.rows.append((ids, labels, scene, int((ids == self.image_token_id).nonzero()[0])))
 
     def __len__(self) -> int:
