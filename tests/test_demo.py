@@ -1,6 +1,7 @@
 """The demo world: generated data is well formed, and a reduced end-to-end run learns far above chance."""
 
 import argparse
+import contextlib
 import json
 import random
 from pathlib import Path
@@ -253,6 +254,19 @@ def test_llm_standin_scene_batches_put_the_scene_words_where_the_image_is(tmp_pa
         assert torch.equal(batch["inputs_embeds"][row, at + 16:length], embeddings(ids[at + 1:]))
         labelled = tokenizer.decode(batch["labels"][row][batch["labels"][row] != -100])  # the answers, and only they
         assert labelled.replace("</s>", "").split() == " ".join(m["content"] for m in messages[1::2]).split()
+
+
+def test_stand_in_float32_attention_computes_what_transformers_sdpa_does(tmp_path, monkeypatch):
+    """Its padding and causal masks included: float32 runs repeat the figures measured before it existed."""
+    chats = world.scene_chats(24, seed=1)
+    texts = [world.caption(shapes) for shapes, _, _ in chats] + [m["content"] if isinstance(m["content"], str) else
+                                                                 m["content"][-1]["text"] for _, ms, _ in chats for m in ms]
+    tokenizer = standins.train_tokenizer(texts, tmp_path / "tokenizer")
+    scenes = standins.SceneBatches(tokenizer, chats, image_tokens=4)
+    trained = standins.train_llm(scenes, tokenizer, tmp_path / "a", steps=3, batch_size=8)
+    monkeypatch.setattr(standins, "float32_attention", contextlib.nullcontext)
+    plain = standins.train_llm(scenes, tokenizer, tmp_path / "b", steps=3, batch_size=8)
+    assert all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(), plain.state_dict().values()))
 
 
 def test_llm_standin_scene_batches_refuse_a_tokenizer_without_the_world_s_words(tmp_path):

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from transformers import (AttentionInterface, CLIPConfig, CLIPModel, MistralConfig, MistralForCausalLM,
                           PreTrainedTokenizerFast)
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from hub_upload.random_checkpoint import make_tokenizer
 from modeling_cumo.processing_cumo import CHAT_TEMPLATE, PLAIN_CHAT_TEMPLATE, make_image_processor
@@ -43,6 +44,8 @@ def sdpa_in_float32(module, query, key, value, attention_mask, **kwargs):
 
 
 AttentionInterface.register("sdpa_float32", sdpa_in_float32)
+# with its masks too: transformers builds no mask at all (no padding, no causality) for a name it has no mask for
+AttentionMaskInterface.register("sdpa_float32", sdpa_mask)
 
 
 @contextmanager
