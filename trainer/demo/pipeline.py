@@ -35,8 +35,8 @@ class Budget:
         "(docs/demo_experiments.md)")})
     stand_in_dtype: str = field(default="float32", metadata={"choices": ("float32", "bfloat16"), "help": (
         "bfloat16 trains the CLIP and LLM stand-ins under bf16 autocast (attention in float32), for CPUs with AMX or "
-        "AVX512-BF16: the LLM stand-in in about 0.6 of the time; the figures change (the seed-1 world: 0.948 in one "
-        "run, 0.919-0.921 in float32; the other worlds not yet measured, docs/demo_experiments.md)")})
+        "AVX512-BF16: the LLM stand-in in about 0.6 of the time; the figures change (one run each: seed 0 0.915, "
+        "0.940 in float32; seed 1 0.948, 0.92 in float32; docs/demo_experiments.md)")})
 
 
 # The full budget takes about 20 minutes on 2 CPU cores; docs/demo_experiments.md has what each step count
