@@ -175,6 +175,13 @@ def test_fit_draws_the_first_steps_from_the_first_rows_only():
     assert all(int(index.min()) >= 5 for index in drawn[2:]) and max(int(index.max()) for index in drawn) == 19
 
 
+def scene_tokenizer(chats, folder):
+    """A tokenizer trained on scene chats' captions and messages: every world word the scene tokens use."""
+    texts = [world.caption(shapes) for shapes, _, _ in chats] + [m["content"] if isinstance(m["content"], str) else
+                                                                 m["content"][-1]["text"] for _, ms, _ in chats for m in ms]
+    return standins.train_tokenizer(texts, folder)
+
+
 def test_bf16_stand_ins_are_refused_where_the_cpu_would_emulate_bf16(monkeypatch):
     from trainer.demo.pipeline import add_budget_arguments, budget_from_args
 
@@ -193,22 +200,28 @@ def test_bf16_stand_ins_are_refused_where_the_cpu_would_emulate_bf16(monkeypatch
 
 
 def test_stand_in_attention_runs_outside_autocast_and_the_checkpoint_names_plain_sdpa(tmp_path, monkeypatch):
-    seen = []
-    sdpa = torch.nn.functional.scaled_dot_product_attention
+    from transformers import AttentionInterface
+
+    seen, arriving = [], []
+    sdpa, registered = torch.nn.functional.scaled_dot_product_attention, AttentionInterface._global_mapping["sdpa_float32"]
 
     def recording(query, *args, **kwargs):
         seen.append((query.dtype, torch.is_autocast_enabled("cpu")))
         return sdpa(query, *args, **kwargs)
 
+    def arrival(module, query, *args, **kwargs):  # the attention is called with bf16 autocast on
+        arriving.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return registered(module, query, *args, **kwargs)
+
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    monkeypatch.setitem(AttentionInterface._global_mapping, "sdpa_float32", arrival)
     chats = world.scene_chats(8, seed=1)
-    texts = [world.caption(shapes) for shapes, _, _ in chats] + [m["content"] if isinstance(m["content"], str) else
-                                                                 m["content"][-1]["text"] for _, ms, _ in chats for m in ms]
-    tokenizer = standins.train_tokenizer(texts, tmp_path / "tokenizer")
+    tokenizer = scene_tokenizer(chats, tmp_path / "tokenizer")
     scenes = standins.SceneBatches(tokenizer, chats, image_tokens=4)
     model = standins.train_llm(scenes, tokenizer, tmp_path / "llm", steps=2, batch_size=2, dtype=torch.bfloat16)
     assert len(seen) == 2 * model.config.num_hidden_layers  # every layer in each of the two steps
     assert all(entry == (torch.float32, False) for entry in seen)
+    assert len(arriving) == len(seen) and all(arriving)
     assert model.config._attn_implementation == "sdpa"
     reloaded = MistralForCausalLM.from_pretrained(tmp_path / "llm")
     assert reloaded.config._attn_implementation == "sdpa"
@@ -232,9 +245,7 @@ def test_parse_caption_reads_back_every_scene():
 
 def test_llm_standin_scene_batches_put_the_scene_words_where_the_image_is(tmp_path):
     chats = world.scene_chats(6, seed=1)
-    texts = [world.caption(shapes) for shapes, _, _ in chats] + [m["content"] if isinstance(m["content"], str) else
-                                                                 m["content"][-1]["text"] for _, ms, _ in chats for m in ms]
-    tokenizer = standins.train_tokenizer(texts, tmp_path / "tokenizer")
+    tokenizer = scene_tokenizer(chats, tmp_path / "tokenizer")
     scenes = standins.SceneBatches(tokenizer, chats, image_tokens=16)
     embeddings = torch.nn.Embedding(len(tokenizer), 8)
     index = torch.tensor([4, 0, 2])
@@ -259,9 +270,7 @@ def test_llm_standin_scene_batches_put_the_scene_words_where_the_image_is(tmp_pa
 def test_stand_in_float32_attention_computes_what_transformers_sdpa_does(tmp_path, monkeypatch):
     """Its padding and causal masks included: float32 runs repeat the figures measured before it existed."""
     chats = world.scene_chats(24, seed=1)
-    texts = [world.caption(shapes) for shapes, _, _ in chats] + [m["content"] if isinstance(m["content"], str) else
-                                                                 m["content"][-1]["text"] for _, ms, _ in chats for m in ms]
-    tokenizer = standins.train_tokenizer(texts, tmp_path / "tokenizer")
+    tokenizer = scene_tokenizer(chats, tmp_path / "tokenizer")
     scenes = standins.SceneBatches(tokenizer, chats, image_tokens=4)
     trained = standins.train_llm(scenes, tokenizer, tmp_path / "a", steps=3, batch_size=8)
     monkeypatch.setattr(standins, "float32_attention", contextlib.nullcontext)

@@ -35,7 +35,7 @@ class Budget:
         "(docs/demo_experiments.md)")})
     stand_in_dtype: str = field(default="float32", metadata={"choices": ("float32", "bfloat16"), "help": (
         "bfloat16 trains the CLIP and LLM stand-ins under bf16 autocast (attention in float32), for CPUs with AMX or "
-        "AVX512-BF16: the LLM stand-in in about 0.6 of the time; the figures change (one run each: seed 0 0.915, "
+        "AVX512-BF16: an LLM stand-in step in about 0.7 of the time; the figures change (one run each: seed 0 0.915, "
         "0.940 in float32; seed 1 0.948, 0.92 in float32; docs/demo_experiments.md)")})
 
 
