@@ -182,8 +182,8 @@ def scene_tokenizer(chats, folder):
     return standins.train_tokenizer(texts, folder)
 
 
-def test_bf16_stand_ins_are_refused_where_the_cpu_would_emulate_bf16(monkeypatch):
-    from trainer.demo.pipeline import add_budget_arguments, budget_from_args
+def test_bf16_stand_ins_are_the_default_where_the_cpu_has_bf16_and_refused_where_it_would_emulate_it(monkeypatch):
+    from trainer.demo.pipeline import FULL, add_budget_arguments, budget_from_args, stand_in_dtype
 
     parser = argparse.ArgumentParser()
     add_budget_arguments(parser)
@@ -196,7 +196,10 @@ def test_bf16_stand_ins_are_refused_where_the_cpu_would_emulate_bf16(monkeypatch
         else:
             with pytest.raises(SystemExit, match="neither AMX nor AVX512-BF16"):
                 budget_from_args(args)
-    assert budget_from_args(parser.parse_args(["--quick"])).stand_in_dtype == "float32"
+        default = "bfloat16" if native else "float32"
+        assert budget_from_args(parser.parse_args(["--quick"])).stand_in_dtype == default
+        assert stand_in_dtype(FULL) == getattr(torch, default)
+        assert budget_from_args(parser.parse_args(["--stand-in-dtype", "float32"])).stand_in_dtype == "float32"
 
 
 def test_stand_in_attention_runs_outside_autocast_and_the_checkpoint_names_plain_sdpa(tmp_path, monkeypatch):
@@ -346,6 +349,8 @@ def test_reduced_pipeline_learns_far_above_chance(tmp_path):
     assert (tmp_path / "model" / "config.json").is_file() and (tmp_path / "expert_load.png").is_file()
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["vqa_accuracy"] == metrics["vqa_accuracy"] and set(saved["accuracy_per_type"]) == set(world.VQA_TYPES)
+    # the budget's "auto" stand-in dtype is recorded as what this CPU ran
+    assert saved["budget"]["stand_in_dtype"] == ("bfloat16" if standins.has_native_bf16() else "float32")
     lookups = saved["llm_standin_lookups"]  # the LLM stand-in's answers on scenes in words, probed before any image
     assert set(lookups) == set(world.VQA_TYPES) and all(0 <= share <= 1 for share in lookups.values()), lookups
     # the Space's examples, asked as the app asks them, each scored against the world's answer

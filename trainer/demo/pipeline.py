@@ -2,6 +2,7 @@
 held-out evaluation. `cumo-demo` runs it; `trainer.demo.ablations` reuses its parts."""
 
 import argparse
+import dataclasses
 import json
 import shutil
 import time
@@ -33,10 +34,11 @@ class Budget:
         "object by its shape), before the whole mix; 200 with --patch-size 16 made colour answers right in seeds 0-2, "
         "but not in every world (the lookup can fade in the mix) and position answers stayed weak "
         "(docs/demo_experiments.md)")})
-    stand_in_dtype: str = field(default="float32", metadata={"choices": ("float32", "bfloat16"), "help": (
-        "bfloat16 trains the CLIP and LLM stand-ins under bf16 autocast (attention in float32), for CPUs with AMX or "
-        "AVX512-BF16: an LLM stand-in step in about 0.7 of the time; the figures change (one run each: seed 0 0.915, "
-        "0.940 in float32; seed 1 0.948, 0.92 in float32; docs/demo_experiments.md)")})
+    stand_in_dtype: str = field(default="auto", metadata={"choices": ("auto", "float32", "bfloat16"), "help": (
+        "bfloat16 trains the CLIP and LLM stand-ins under bf16 autocast (attention in float32): an LLM stand-in step "
+        "in about 0.7 of the time, for CPUs with AMX or AVX512-BF16 (refused elsewhere: emulated bf16 is slower); "
+        "auto (the default) is bfloat16 where the CPU has them, float32 elsewhere; metrics.json records which ran "
+        "(docs/demo_experiments.md compares the two)")})
 
 
 # The full budget takes about 20 minutes on 2 CPU cores; docs/demo_experiments.md has what each step count
@@ -76,7 +78,18 @@ def budget_from_args(args: argparse.Namespace) -> Budget:
     if budget.stand_in_dtype == "bfloat16" and not standins.has_native_bf16():
         raise SystemExit("--stand-in-dtype bfloat16: this CPU has neither AMX nor AVX512-BF16, so bf16 would be emulated "
                          "and slower than float32.")
-    return budget
+    return resolve_stand_in_dtype(budget)
+
+
+def resolve_stand_in_dtype(budget: Budget) -> Budget:
+    """The budget with "auto" replaced by the dtype this CPU trains the stand-ins in, so that the metrics say which."""
+    if budget.stand_in_dtype != "auto":
+        return budget
+    return dataclasses.replace(budget, stand_in_dtype="bfloat16" if standins.has_native_bf16() else "float32")
+
+
+def stand_in_dtype(budget: Budget) -> torch.dtype:
+    return getattr(torch, resolve_stand_in_dtype(budget).stand_in_dtype)
 
 
 def stage_args(stage: str, model: Path, data: Path, output: Path, steps: int, seed: int) -> list[str]:
@@ -120,7 +133,7 @@ def train_llm_standin(work: Path, tokenizer, budget: Budget, seed: int, callback
     chats = lookups + world.scene_chats(budget.llm_steps * standins.LLM_BATCH_SIZE, seed)
     scenes = standins.SceneBatches(tokenizer, chats, image_tokens(budget))
     return standins.train_llm(scenes, tokenizer, work / "llm", budget.llm_steps, seed=seed, callback=callback,
-                              first=(budget.llm_colour_steps, len(lookups)), dtype=getattr(torch, budget.stand_in_dtype))
+                              first=(budget.llm_colour_steps, len(lookups)), dtype=stand_in_dtype(budget))
 
 
 def build_until_vit(work: Path, budget: Budget, seed: int, laps: Laps) -> Path:
@@ -134,7 +147,7 @@ def build_until_vit(work: Path, budget: Budget, seed: int, laps: Laps) -> Path:
     patches = [world.patch_objects(text, objects, image_tokens(budget)) for _, text in pairs]
     standins.train_clip([data / image for image, _ in pairs], [text for _, text in pairs], tokenizer, work / "clip",
                         IMAGE_SIZE, budget.patch_size, budget.clip_steps, seed=seed, patch_objects=patches, objects=objects,
-                        dtype=getattr(torch, budget.stand_in_dtype))
+                        dtype=stand_in_dtype(budget))
     laps("clip stand-in")
     train_llm_standin(work, tokenizer, budget, seed)
     laps("llm stand-in")
@@ -176,6 +189,7 @@ def build_demo(output: Path, budget: Budget, seed: int = 0, log=print) -> dict:
     """The whole demo: writes output/model, output/metrics.json and output/expert_load.png; returns the metrics."""
     output.mkdir(parents=True, exist_ok=True)
     work = output / "work"
+    budget = resolve_stand_in_dtype(budget)
     machine = evaluate.environment()
     log(f"[cumo-demo] seed {seed} on {machine['cpu']} ({machine['torch_threads']} threads), torch {machine['torch']}, "
         f"transformers {machine['transformers']}, trl {machine['trl']}")
