@@ -26,9 +26,9 @@ class Budget:
     pft_steps: int
     vit_steps: int
     patch_size: int = field(default=8, metadata={"help": (
-        "the CLIP stand-in's patch side in pixels; 16 gives 16 image tokens instead of 64 and a run of about 14-15 "
-        "minutes instead of 21 on 2 cores, but held-out VQA 0.87-0.99 over seeds 0-2 instead of 0.92-0.97 "
-        "(docs/demo_experiments.md)")})
+        "the CLIP stand-in's patch side in pixels; 16 gives 16 image tokens instead of 64 and a run about 6 minutes "
+        "shorter on 2 cores, but held-out VQA 0.87-0.99 over seeds 0-2 instead of 0.92-0.97 (float32 stand-ins and "
+        "1200 vit steps; docs/demo_experiments.md)")})
     llm_colour_steps: int = field(default=0, metadata={"help": (
         "how many of the LLM stand-in's first steps learn only colour questions on 2-3 shapes (the one lookup of an "
         "object by its shape), before the whole mix; 200 with --patch-size 16 made colour answers right in seeds 0-2, "
@@ -41,8 +41,8 @@ class Budget:
         "(docs/demo_experiments.md compares the two)")})
 
 
-# The full budget takes about 20 minutes on 2 CPU cores; docs/demo_experiments.md has what each step count
-# buys (the LLM stand-in needs enough steps on scenes for its lookup to form).
+# The full budget takes about 15 minutes on 2 CPU cores with bf16 stand-ins; docs/demo_experiments.md has what
+# each step count buys (the LLM stand-in needs enough steps on scenes for its lookup to form).
 FULL = Budget(train_images=3000, heldout_images=200, clip_steps=800, llm_steps=700, pt_steps=150, pft_steps=300,
               vit_steps=1000)
 QUICK = Budget(train_images=800, heldout_images=60, clip_steps=200, llm_steps=150, pt_steps=60, pft_steps=60,
