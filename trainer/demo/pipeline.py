@@ -41,7 +41,7 @@ class Budget:
         "(docs/demo_experiments.md compares the two)")})
 
 
-# The full budget takes about 15 minutes on 2 CPU cores with bf16 stand-ins; docs/demo_experiments.md has what
+# The full budget takes about 15-18 minutes on 2 CPU cores with bf16 stand-ins; docs/demo_experiments.md has what
 # each step count buys (the LLM stand-in needs enough steps on scenes for its lookup to form).
 FULL = Budget(train_images=3000, heldout_images=200, clip_steps=800, llm_steps=700, pt_steps=150, pft_steps=300,
               vit_steps=1000)
@@ -192,7 +192,7 @@ def build_demo(output: Path, budget: Budget, seed: int = 0, log=print) -> dict:
     budget = resolve_stand_in_dtype(budget)
     machine = evaluate.environment()
     log(f"[cumo-demo] seed {seed} on {machine['cpu']} ({machine['torch_threads']} threads), torch {machine['torch']}, "
-        f"transformers {machine['transformers']}, trl {machine['trl']}")
+        f"transformers {machine['transformers']}, trl {machine['trl']}; stand-ins in {budget.stand_in_dtype}")
     laps = Laps(log)
     data = build_until_vit(work, budget, seed, laps)
     train_vit(work, data, work / "vit", budget, seed)
