@@ -26,10 +26,9 @@ _MESSAGE_PARTS = (
 # evaluated and served with. A system message replaces the default system text; an empty one drops the block
 # (the original's `mistral_instruct`). `{% generation %}` marks the tokens that `return_assistant_tokens_mask` and
 # TRL's `assistant_only_loss` supervise: the original's training targets (the reply, its spaces and `</s>`).
-DEFAULT_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
-                  "helpful, detailed, and polite answers to the user's questions.")
 CHAT_TEMPLATE = (
-    "{%- set default_system = \"" + DEFAULT_SYSTEM + "\" -%}"
+    "{%- set default_system = \"A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions.\" -%}"
     "{%- if messages and messages[0]['role'] == 'system' -%}"
     "{%- set message = messages[0] -%}" + _MESSAGE_PARTS + "{%- set system_message = ns.text -%}"
     "{%- set loop_messages = messages[1:] -%}"
@@ -147,4 +146,4 @@ class CuMoProcessor(LlavaProcessor):
 
 CuMoProcessor.register_for_auto_class()
 
-__all__ = ["CuMoProcessor", "CHAT_TEMPLATE", "DEFAULT_SYSTEM", "PLAIN_CHAT_TEMPLATE", "make_image_processor", "to_rgb_image"]
+__all__ = ["CuMoProcessor", "CHAT_TEMPLATE", "PLAIN_CHAT_TEMPLATE", "make_image_processor", "to_rgb_image"]

@@ -154,20 +154,11 @@ def build_until_vit(work: Path, budget: Budget, seed: int, laps: Laps) -> Path:
 
     init_model.main(["--vision-tower", str(work / "clip"), "--llm", str(work / "llm"), "--output", str(work / "init"),
                      "--dtype", "float32", "--scales", *map(str, SCALES)])
-    chat_as_the_stand_in(work / "init")
     train.main(stage_args("pt", work / "init", data / "train_captions.json", work / "pt", budget.pt_steps, seed))
     laps("stage pt")
     train.main(stage_args("pft", work / "pt", data / "train_captions.json", work / "pft", budget.pft_steps, seed))
     laps("stage pft")
     return data
-
-
-def chat_as_the_stand_in(folder: Path) -> None:
-    """The model in `folder` chats in the form its LLM stand-in learned, the demo's (no default system text): the
-    stages train on it, and the evaluation, the Space and vLLM prompt with it."""
-    processor = AutoProcessor.from_pretrained(folder)
-    processor.chat_template = standins.DEMO_CHAT_TEMPLATE
-    processor.save_pretrained(folder)
 
 
 def train_vit(work: Path, data: Path, output: Path, budget: Budget, seed: int, extra: list[str] = ()) -> None:

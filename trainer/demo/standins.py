@@ -16,19 +16,14 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from hub_upload.random_checkpoint import make_tokenizer
-from modeling_cumo.processing_cumo import CHAT_TEMPLATE, DEFAULT_SYSTEM, PLAIN_CHAT_TEMPLATE, make_image_processor
+from modeling_cumo.processing_cumo import CHAT_TEMPLATE, PLAIN_CHAT_TEMPLATE, make_image_processor
 from trainer.demo import world
-
-
-# The demo's chats are the original's `mistral_instruct` form: CuMo's template without a default system text (a system
-# message still sets one). The system block was 38 tokens, a fifth of every chat the stand-in and the stages train on.
-DEMO_CHAT_TEMPLATE = CHAT_TEMPLATE.replace(DEFAULT_SYSTEM, "")
 
 
 def train_tokenizer(texts: list[str], folder: Path) -> PreTrainedTokenizerFast:
     templates = [CHAT_TEMPLATE, "<<SYS>> <</SYS>> [INST] [/INST]"]
     tokenizer = make_tokenizer(vocab_size=600, corpus=texts + templates)
-    tokenizer.chat_template = DEMO_CHAT_TEMPLATE
+    tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(folder)
     return tokenizer
 
@@ -231,7 +226,7 @@ class SceneBatches:
         self.rows = []
         for shapes, messages, plain in chats:
             encoded = tokenizer.apply_chat_template(
-                messages, chat_template=PLAIN_CHAT_TEMPLATE if plain else DEMO_CHAT_TEMPLATE, tokenize=True,
+                messages, chat_template=PLAIN_CHAT_TEMPLATE if plain else CHAT_TEMPLATE, tokenize=True,
                 return_dict=True, return_assistant_tokens_mask=True)
             ids = torch.tensor(encoded["input_ids"])
             labels = ids.masked_fill(torch.tensor(encoded["assistant_masks"]) == 0, -100)
