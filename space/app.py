@@ -442,7 +442,7 @@ def default_model() -> str:
     if (DEMO_DIR / "model" / "config.json").is_file():
         return str(DEMO_DIR / "model")
     raise SystemExit(f"No model to serve: pass --model PATH_OR_HUB_ID (or set CUMO_MODEL), or train the demo model "
-                     f"first with `cumo-demo --output {DEMO_DIR}` (about 15-18 minutes on 2 CPU cores; --quick for a "
+                     f"first with `cumo-demo --output {DEMO_DIR}` (about 11-18 minutes on 2 CPU cores; --quick for a "
                      f"reduced one) and run this again from the same folder.")
 
 

@@ -1,6 +1,6 @@
 """`cumo-demo`: build the demo world and a CuMo trained in it, end to end, offline.
 
-    cumo-demo --output demo            # the full run (about 15-18 minutes on 2 CPU cores)
+    cumo-demo --output demo            # the full run (about 11-18 minutes on 2 CPU cores)
     cumo-demo --output demo --quick    # a reduced run (a few minutes)
 
 Steps: generate the world (images of coloured shapes, captions, questions, a held-out split); train the stand-ins

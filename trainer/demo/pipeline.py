@@ -41,8 +41,9 @@ class Budget:
         "(docs/demo_experiments.md compares the two)")})
 
 
-# The full budget takes about 15-18 minutes on 2 CPU cores with bf16 stand-ins; docs/demo_experiments.md has what
-# each step count buys (the LLM stand-in needs enough steps on scenes for its lookup to form).
+# The full budget takes about 11-18 minutes on 2 CPU cores with bf16 stand-ins (the same run, in different hours of
+# one machine); docs/demo_experiments.md has what each step count buys (the LLM stand-in needs enough steps on scenes
+# for its lookup to form).
 FULL = Budget(train_images=3000, heldout_images=200, clip_steps=800, llm_steps=700, pt_steps=150, pft_steps=300,
               vit_steps=1000)
 QUICK = Budget(train_images=800, heldout_images=60, clip_steps=200, llm_steps=150, pt_steps=60, pft_steps=60,
